@@ -1,0 +1,8 @@
+"""latentzoo: train, sweep, scale out and evaluate latent-variable generative models."""
+
+from omegaconf import OmegaConf
+
+__version__ = "0.1.0"
+
+# Arithmetic in configs, e.g. `out_features: ${mul:2,${model.latent_dim}}` (mean and log-variance).
+OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)

@@ -1,0 +1,4 @@
+from latentzoo.callbacks.images import LatentTraversalGrid, ReconstructionGrid
+from latentzoo.callbacks.run_info import LossReport, ResumeReport
+
+__all__ = ["LatentTraversalGrid", "LossReport", "ReconstructionGrid", "ResumeReport"]

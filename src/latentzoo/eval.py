@@ -1,0 +1,101 @@
+"""The eval task: rebuild model and data from the checkpoint's saved config, run the test loop
+and any configured metrics, print a table and write ``metrics.json`` to the eval run dir.
+
+Entry points: ``python eval.py ckpt_path=...`` in the repo, or ``latentzoo-eval``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from latentzoo.metrics.capabilities import require_capabilities
+from latentzoo.paths import config_dir, setup_project_root
+from latentzoo.utils import (
+    LatentzooError,
+    RankedLogger,
+    extras,
+    instantiate_callbacks,
+    instantiate_loggers,
+    print_metrics_table,
+    task_wrapper,
+)
+from latentzoo.utils.checkpoint import check_same_model, checkpoint_config, load_checkpoint
+from latentzoo.utils.entry import run_hydra_task
+
+log = RankedLogger(__name__, rank_zero_only=True)
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Evaluate the checkpoint at ``cfg.ckpt_path``; return the metrics and built objects."""
+    if not cfg.get("ckpt_path"):
+        raise LatentzooError("eval needs a checkpoint: python eval.py ckpt_path=<path/to/.ckpt>")
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    saved = checkpoint_config(checkpoint, cfg.ckpt_path)
+    if cfg.get("model"):
+        check_same_model(saved, cfg.model.get("_target_"), cfg.ckpt_path)
+        log.info("Using the model config saved in the checkpoint (model= only checks the type)")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    data_cfg = cfg.data if cfg.get("data") else saved.data
+    log.info(f"Instantiating datamodule <{data_cfg._target_}>")
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(data_cfg)
+    log.info(f"Instantiating model <{saved.model._target_}> from {cfg.ckpt_path}")
+    model: L.LightningModule = hydra.utils.instantiate(saved.model)
+    model.on_load_checkpoint(checkpoint)  # lets models restore e.g. EMA weights
+    model.load_state_dict(checkpoint["state_dict"])
+    step = checkpoint.get("global_step")
+    del checkpoint
+
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=instantiate_callbacks(cfg.get("callbacks")),
+        logger=instantiate_loggers(cfg.get("logger")) or False,
+    )
+    metrics: dict[str, float] = {}
+    if cfg.get("test_loop"):
+        for results in trainer.test(model, datamodule=datamodule):
+            metrics.update({key: float(value) for key, value in results.items()})
+
+    for name, metric_cfg in (cfg.get("metrics") or {}).items():
+        evaluator = hydra.utils.instantiate(metric_cfg)
+        require_capabilities(model, getattr(evaluator, "requires", ()), name)
+        log.info(f"Computing {name}")
+        values = evaluator(model=model, datamodule=datamodule)
+        metrics.update({f"{name}/{key}": float(value) for key, value in values.items()})
+
+    print_metrics_table(metrics, title=f"eval: {Path(cfg.ckpt_path).name} (step {step})")
+    output = Path(cfg.paths.output_dir, "metrics.json")
+    report = {
+        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+        "global_step": step,
+        "model": saved.model._target_,
+        "data": OmegaConf.to_container(data_cfg),
+        "metrics": metrics,
+    }
+    output.write_text(json.dumps(report, indent=2))
+    log.info(f"Metrics written to {output}")
+    return metrics, {"cfg": cfg, "model": model, "datamodule": datamodule, "trainer": trainer}
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval.yaml")
+def _hydra_main(cfg: DictConfig) -> None:
+    extras(cfg)
+    run_hydra_task(evaluate, cfg)
+
+
+def main() -> None:
+    """Console-script entry point (``latentzoo-eval``)."""
+    setup_project_root()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

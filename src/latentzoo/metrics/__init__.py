@@ -1,0 +1,1 @@
+"""Evaluation metrics. Disentanglement metrics live in :mod:`latentzoo.metrics.disentanglement`."""

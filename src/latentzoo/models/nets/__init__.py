@@ -1,0 +1,3 @@
+from latentzoo.models.nets.conv import ConvDecoder, ConvEncoder
+
+__all__ = ["ConvDecoder", "ConvEncoder"]

@@ -1,0 +1,98 @@
+"""The train task: build data, model, callbacks, loggers and trainer from the config; fit; test.
+
+Entry points: ``python train.py ...`` in the repo, or the ``latentzoo-train`` console script.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from latentzoo.callbacks.run_info import ResumeReport
+from latentzoo.paths import config_dir, setup_project_root
+from latentzoo.utils import (
+    RankedLogger,
+    extras,
+    get_metric_value,
+    instantiate_callbacks,
+    instantiate_loggers,
+    log_hyperparameters,
+    task_wrapper,
+)
+from latentzoo.utils.checkpoint import (
+    ConfigInCheckpoint,
+    check_same_model,
+    checkpoint_config,
+    load_checkpoint,
+)
+from latentzoo.utils.entry import run_hydra_task
+
+log = RankedLogger(__name__, rank_zero_only=True)
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train (and optionally test) the model; return the logged metrics and built objects."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        checkpoint = load_checkpoint(ckpt_path)
+        check_same_model(checkpoint_config(checkpoint, ckpt_path), cfg.model._target_, ckpt_path)
+        log.info(
+            f"Resuming from {ckpt_path}: saved at global step {checkpoint.get('global_step')}, "
+            f"epoch {checkpoint.get('epoch')}"
+        )
+        del checkpoint
+
+    log.info(f"Instantiating datamodule <{cfg.data._target_}>")
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info(f"Instantiating model <{cfg.model._target_}>")
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks += [ConfigInCheckpoint(cfg), ResumeReport()]
+    loggers = instantiate_loggers(cfg.get("logger"))
+    log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+    log_hyperparameters(objects)
+
+    if cfg.get("train"):
+        log.info("Starting training")
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    train_metrics = dict(trainer.callback_metrics)
+
+    test_metrics: dict[str, Any] = {}
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("No best checkpoint found; testing the current weights")
+        log.info(f"Testing {'checkpoint ' + best if best else 'current weights'}")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        test_metrics = dict(trainer.callback_metrics)
+
+    metrics = {key: float(value) for key, value in {**train_metrics, **test_metrics}.items()}
+    return metrics, objects
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train.yaml")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    extras(cfg)
+    metrics, _ = run_hydra_task(train, cfg)
+    return get_metric_value(metrics, cfg.get("optimized_metric"))
+
+
+def main() -> None:
+    """Console-script entry point (``latentzoo-train``)."""
+    setup_project_root()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

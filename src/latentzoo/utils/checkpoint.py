@@ -1,0 +1,66 @@
+"""The checkpoint carries its resolved config, so eval and resume need no repeated overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from latentzoo.utils.errors import CheckpointError
+
+CHECKPOINT_KEY = "latentzoo"
+
+
+class ConfigInCheckpoint(L.Callback):
+    """Stores the resolved run config (model, data, trainer, seed, ...) in every checkpoint."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"config": self.config}
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint file on the CPU, with clear errors for missing or corrupt files."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        hint = ""
+        if path.parent.is_dir():
+            found = sorted(p.name for p in path.parent.glob("*.ckpt"))
+            hint = f" Checkpoints in {path.parent}: {', '.join(found) or 'none'}."
+        raise CheckpointError(f"ckpt_path '{path}' does not exist or is not a file.{hint}")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"ckpt_path '{path}' is not readable (check its permissions).")
+    try:
+        # latentzoo checkpoints hold optimizer partials and configs, not just tensors.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for corrupt files
+        raise CheckpointError(
+            f"ckpt_path '{path}' could not be read as a PyTorch checkpoint: {error}"
+        ) from error
+
+
+def checkpoint_config(checkpoint: dict[str, Any], path: str | os.PathLike) -> DictConfig:
+    """The run config saved in a latentzoo checkpoint."""
+    saved = checkpoint.get(CHECKPOINT_KEY)
+    if not saved or "config" not in saved:
+        raise CheckpointError(
+            f"'{path}' was not written by latentzoo's train task (it has no saved config), so "
+            "eval.py cannot rebuild its model and data."
+        )
+    return OmegaConf.create(saved["config"])
+
+
+def check_same_model(saved: DictConfig, requested_target: str | None, path: str) -> None:
+    """Refuse a checkpoint whose model class differs from the one requested."""
+    saved_target = saved.get("model", {}).get("_target_")
+    if requested_target and saved_target and saved_target != requested_target:
+        raise CheckpointError(
+            f"'{path}' holds a {saved_target} model, but the config asks for "
+            f"{requested_target}. Use a checkpoint of that model, or drop the model= override."
+        )
