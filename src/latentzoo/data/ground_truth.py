@@ -1,0 +1,109 @@
+"""DataModule for ground-truth factor datasets (procedural or real dSprites, 3D Shapes, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from latentzoo.data.datasets.factors import FactorDataset
+
+
+class FactorSubset(Dataset):
+    """A fixed set of indices into a :class:`FactorDataset`, fetched a whole batch at a time.
+
+    ``__getitems__`` lets the DataLoader hand over all indices of a batch at once, so the
+    images of a batch are rendered/gathered in one vectorised call instead of per item.
+    """
+
+    def __init__(self, dataset: FactorDataset, indices: np.ndarray) -> None:
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset[int(self.indices[i])]
+
+    def __getitems__(self, items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset.get_batch(self.indices[np.asarray(items, dtype=np.int64)])
+
+
+def _already_batched(batch: Any) -> Any:
+    return batch
+
+
+class GroundTruthDataModule(L.LightningDataModule):
+    """Train/val/test split of a factor dataset by a seeded permutation of its indices.
+
+    Batches are ``(images float [B, C, H, W] in [0, 1], factor classes int64 [B, K])``.
+    ``dataset`` exposes the factors to metrics (names, sizes, ``sample_factors``, ``images_of``).
+    """
+
+    def __init__(
+        self,
+        dataset: FactorDataset,
+        image_shape: Sequence[int],
+        batch_size: int = 64,
+        val_size: int = 4096,
+        test_size: int = 4096,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if tuple(image_shape) != tuple(dataset.image_shape):
+            raise ValueError(
+                f"data.image_shape={list(image_shape)} does not match the dataset's images "
+                f"{list(dataset.image_shape)}"
+            )
+        if val_size + test_size >= len(dataset):
+            raise ValueError(
+                f"val_size + test_size ({val_size + test_size}) must be smaller than the "
+                f"dataset ({len(dataset)} images)"
+            )
+        self.dataset = dataset
+        self.image_shape = tuple(image_shape)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        order = np.random.default_rng(split_seed).permutation(len(dataset))
+        self.splits = {
+            "val": order[:val_size],
+            "test": order[val_size : val_size + test_size],
+            "train": order[val_size + test_size :],
+        }
+
+    @property
+    def factor_names(self) -> tuple[str, ...]:
+        return tuple(self.dataset.factor_names)
+
+    @property
+    def factor_sizes(self) -> tuple[int, ...]:
+        return tuple(self.dataset.factor_sizes)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            FactorSubset(self.dataset, self.splits[split]),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=_already_batched,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
