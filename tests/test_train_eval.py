@@ -4,6 +4,7 @@ own config, resume at the saved step, and the clear failures promised to users."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,25 @@ def test_cli_errors_are_clear(trained_run: Path, tmp_path: Path) -> None:
     unwritable = run_cli("train.py", f"paths.log_dir={blocker / 'logs'}")
     assert unwritable.returncode == 2
     assert "cannot be created" in unwritable.stderr
+
+
+def test_console_scripts_match_root_scripts(tmp_path: Path) -> None:
+    """``latentzoo-train`` / ``latentzoo-eval`` (installed by pip) work from any directory."""
+    import shutil
+    import subprocess
+
+    train_script, eval_script = shutil.which("latentzoo-train"), shutil.which("latentzoo-eval")
+    assert train_script and eval_script, "console scripts missing: pip install -e ."
+    env = {k: v for k, v in os.environ.items() if k != "PROJECT_ROOT"}
+    trained = subprocess.run(
+        [train_script, *TINY, "test=false"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()  # logs below the working dir
+    ckpt = run / "checkpoints" / "last.ckpt"
+    evaluated = subprocess.run(
+        [eval_script, f"ckpt_path={ckpt}"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    (eval_run,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
+    assert "test/loss" in json.loads((eval_run / "metrics.json").read_text())["metrics"]
