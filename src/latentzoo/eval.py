@@ -73,6 +73,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     print_metrics_table(metrics, title=f"eval: {Path(cfg.ckpt_path).name} (step {step})")
     output = Path(cfg.paths.output_dir, "metrics.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
         "global_step": step,
