@@ -135,6 +135,16 @@ def test_cli_errors_are_clear(trained_run: Path, tmp_path: Path) -> None:
     assert missing.returncode == 2
     assert "does not exist" in missing.stderr
 
+    # raised inside Hydra's instantiate, still reported as one line with exit status 2
+    no_data = run_cli(
+        "train.py",
+        "data=dsprites",
+        f"paths.data_dir={tmp_path / 'nodata'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    )
+    assert no_data.returncode == 2
+    assert "dSprites not found" in no_data.stderr and "Traceback" not in no_data.stderr
+
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     unreadable = run_cli("eval.py", f"ckpt_path={garbage}", f"paths.log_dir={tmp_path / 'logs'}")

@@ -13,15 +13,27 @@ from omegaconf import DictConfig
 from latentzoo.utils.errors import LatentzooError
 
 
+def user_error(error: BaseException | None) -> LatentzooError | None:
+    """The :class:`LatentzooError` behind ``error``, also when Hydra's ``instantiate`` wrapped
+    it (e.g. a missing dataset raised while building the datamodule)."""
+    while error is not None:
+        if isinstance(error, LatentzooError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def run_hydra_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run ``task(cfg)``; on a :class:`LatentzooError` in a single run, print it and exit 2.
+    """Run ``task(cfg)``; on a user error in a single run, print it and exit 2.
 
     In a multirun the error is re-raised so the sweeper/launcher records the failed job.
     """
     try:
         return task(cfg)
-    except LatentzooError as error:
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    except Exception as error:
+        cause = user_error(error)
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        if cause is None or multirun:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from latentzoo.utils.errors import LatentzooError
+from latentzoo.utils.entry import user_error
 from latentzoo.utils.logging import RankedLogger
 from latentzoo.utils.rich_utils import print_config_tree
 
@@ -40,10 +40,11 @@ def task_wrapper(task: Callable[[DictConfig], tuple[dict, dict]]) -> Callable:
             return task(cfg)
         except Exception as error:
             # User mistakes get their message only; bugs get the traceback in the run's log.
-            log.error(
-                f"{type(error).__name__}: {error}",
-                exc_info=not isinstance(error, LatentzooError),
-            )
+            cause = user_error(error)
+            if cause is not None:
+                log.error(f"{type(cause).__name__}: {cause}")
+            else:
+                log.error(f"{type(error).__name__}: {error}", exc_info=True)
             raise
         finally:
             log.info(f"Output dir: {cfg.paths.output_dir}")
