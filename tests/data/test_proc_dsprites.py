@@ -324,3 +324,22 @@ def test_subset_and_dataloader() -> None:
         ProcDSprites("small", indices=[4608])
     with pytest.raises(ValueError):
         ProcDSprites("medium")  # type: ignore[arg-type]
+
+
+def test_sample_sharing_keeps_chosen_factors_equal_within_groups() -> None:
+    ds = ProcDSprites(size="small")
+    groups = ds.sample_sharing(50, 4, shared=[1, 4], rng=0)
+    assert groups.shape == (50, 4, 6)
+    assert (groups[:, :, [1, 4]] == groups[:, :1, [1, 4]]).all()
+    # the free factors still vary inside groups
+    assert (groups[:, :, 3] != groups[:, :1, 3]).any()
+    mask = np.zeros((50, 6), dtype=bool)
+    mask[np.arange(50), np.arange(50) % 6] = True  # a different shared factor per group
+    per_group = ds.sample_sharing(50, 2, shared=mask, rng=1)
+    for g in range(50):
+        k = g % 6
+        assert per_group[g, 0, k] == per_group[g, 1, k]
+    images = ds.images_of(per_group.reshape(-1, 6))
+    assert images.shape == (100, 1, 64, 64)
+    with pytest.raises(ValueError, match="shape"):
+        ds.sample_sharing(3, 2, shared=np.zeros((4, 6), dtype=bool))

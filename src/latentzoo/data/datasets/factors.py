@@ -134,6 +134,35 @@ class FactorDataset(Dataset[tuple[torch.Tensor, torch.Tensor]], abc.ABC):
         sizes = np.asarray(self.factor_sizes, dtype=np.int64)
         return gen.integers(0, sizes, size=(int(n), self.num_factors), dtype=np.int64)
 
+    def sample_sharing(
+        self,
+        n: int,
+        group_size: int,
+        shared: Sequence[int] | np.ndarray,
+        rng: np.random.Generator | int | None = None,
+    ) -> np.ndarray:
+        """Draw ``n`` groups of ``group_size`` factor vectors, (n, group_size, K) int64, whose
+        factors ``shared`` are equal within a group while the others are drawn independently.
+
+        ``shared`` is either one list of factor indices for every group, or a boolean mask
+        (n, K) choosing them per group. This is the sampling behind the beta-VAE and FactorVAE
+        scores and weakly-supervised pairs (Locatello et al. 2020); ``images_of`` on the
+        flattened result gives the images.
+        """
+        gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        groups = self.sample_factors(int(n) * int(group_size), gen)
+        groups = groups.reshape(int(n), int(group_size), self.num_factors)
+        mask = np.asarray(shared)
+        if mask.dtype != bool:
+            indices = mask.astype(np.int64)
+            mask = np.zeros((int(n), self.num_factors), dtype=bool)
+            mask[:, indices] = True
+        if mask.shape != (int(n), self.num_factors):
+            raise ValueError(f"shared mask must have shape ({n}, {self.num_factors})")
+        # copy the first member's shared factors to the whole group
+        groups = np.where(mask[:, None, :], groups[:, :1, :], groups)
+        return groups
+
     # ------------------------------------------------------------------ values and images
     @property
     def factor_values(self) -> tuple[np.ndarray, ...]:
