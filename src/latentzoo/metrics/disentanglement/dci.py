@@ -46,22 +46,26 @@ def _entropy(p: np.ndarray, base: float, axis: int) -> np.ndarray:
     return -terms.sum(axis=axis) / np.log(base)
 
 
-def disentanglement(importance: np.ndarray) -> float:
-    """DCI disentanglement of an importance matrix (codes x factors); dlib ``disentanglement``."""
+def _weighted_specificity(importance: np.ndarray, axis: int) -> float:
+    """1 - entropy of each importance slice along ``axis`` (base = its length), weighted by the
+    slice's share of the total importance; uniform weights when all importances are zero."""
     r = np.asarray(importance, dtype=np.float64)
-    per_code = 1.0 - _entropy(r + 1e-11, base=r.shape[1], axis=1)
+    per_slice = 1.0 - _entropy(r + 1e-11, base=r.shape[axis], axis=axis)
     if r.sum() == 0.0:
         r = np.ones_like(r)
-    return float(np.sum(per_code * r.sum(axis=1) / r.sum()))
+    return float(np.sum(per_slice * r.sum(axis=axis) / r.sum()))
+
+
+def disentanglement(importance: np.ndarray) -> float:
+    """DCI disentanglement of an importance matrix (codes x factors); dlib ``disentanglement``:
+    how much each code concentrates on one factor."""
+    return _weighted_specificity(importance, axis=1)
 
 
 def completeness(importance: np.ndarray) -> float:
-    """DCI completeness of an importance matrix (codes x factors); dlib ``completeness``."""
-    r = np.asarray(importance, dtype=np.float64)
-    per_factor = 1.0 - _entropy(r + 1e-11, base=r.shape[0], axis=0)
-    if r.sum() == 0.0:
-        r = np.ones_like(r)
-    return float(np.sum(per_factor * r.sum(axis=0) / r.sum()))
+    """DCI completeness of an importance matrix (codes x factors); dlib ``completeness``: how much
+    each factor is captured by one code."""
+    return _weighted_specificity(importance, axis=0)
 
 
 # --------------------------------------------------------------------------------------------
