@@ -37,8 +37,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"ckpt_path '{path}' is not readable (check its permissions).")
     try:
-        # latentzoo checkpoints hold optimizer partials and configs, not just tensors.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # latentzoo checkpoints hold optimizer partials and configs, not just tensors. mmap: the
+        # train task only reads the config here, and Lightning loads the file again to resume.
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # torch raises many types for corrupt files
         raise CheckpointError(
             f"ckpt_path '{path}' could not be read as a PyTorch checkpoint: {error}"
