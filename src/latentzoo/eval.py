@@ -64,6 +64,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         for results in trainer.test(model, datamodule=datamodule):
             metrics.update({key: float(value) for key, value in results.items()})
 
+    model.to(trainer.strategy.root_device)  # metrics encode/sample on the eval device
     for name, metric_cfg in (cfg.get("metrics") or {}).items():
         evaluator = hydra.utils.instantiate(metric_cfg)
         require_capabilities(model, getattr(evaluator, "requires", ()), name)
