@@ -16,26 +16,25 @@ Estimators (``estimator=``):
 * ``"gbt"`` (canonical): sklearn ``GradientBoostingClassifier``, one per factor, fitted in
   parallel with joblib. Exact, but minutes at dlib sizes (10,000 x 10 codes, dSprites: 113
   one-vs-rest trees per stage).
-* ``"hist"`` (fast, explicit opt-in, needs ``numba``): the *same* boosting algorithm
-  (least-squares trees on the negative gradient, sklearn's Newton leaf values, the same impurity
-  importances) with split thresholds searched over 256 quantile bins per code instead of every
-  midpoint; see ``_hist_gbt``. ``max_bins=None`` searches every midpoint (sklearn's exact
-  candidates): same scores as ``"gbt"`` to ~0.003, about 7x faster; 256 bins (default) is
-  ~60x faster but biased by up to ~0.03 on D / C for weakly decodable many-class factors
-  (benchmarks/bench_disentanglement_metrics.py).
+* ``"fast"`` (explicit opt-in, needs ``numba``): the *same* boosting algorithm and split
+  candidates (least-squares trees on the negative gradient, sklearn's Newton leaf values, the
+  same impurity importances), grown level by level over presorted codes; see ``_fast_gbt``.
+  Same scores as ``"gbt"`` up to rounding and tie-breaking (within ~0.005 on the benchmark),
+  about 20x faster (benchmarks/bench_disentanglement_metrics.py).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from joblib import Parallel, delayed
 
 from latentzoo.metrics.disentanglement._utils import ArrayLike, as_codes, as_factors
 
-ESTIMATORS = ("gbt", "hist")
+ESTIMATORS = ("gbt", "fast")
 
 
 def _entropy(p: np.ndarray, base: float, axis: int) -> np.ndarray:
@@ -86,22 +85,17 @@ def _fit_gbt(
     )
 
 
-def _fit_hist(
-    x: np.ndarray,
-    y: np.ndarray,
-    xt: np.ndarray,
-    yt: np.ndarray,
-    n_threads: int,
-    max_bins: int | None,
+def _fit_fast(
+    x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray
 ) -> tuple[np.ndarray, float, float]:
     try:
-        from latentzoo.metrics.disentanglement._hist_gbt import fit_hist_gbt
+        from latentzoo.metrics.disentanglement._fast_gbt import fit_fast_gbt
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "DCI estimator 'hist' needs numba (`pip install numba`); "
+            "DCI estimator 'fast' needs numba (`pip install latentzoo[metrics-fast]`); "
             "estimator='gbt' is the canonical, slower alternative"
         ) from err
-    return fit_hist_gbt(x, y, xt, yt, max_bins=max_bins, n_threads=n_threads)
+    return fit_fast_gbt(x, y, xt, yt)
 
 
 def importance_matrix(
@@ -113,13 +107,12 @@ def importance_matrix(
     random_state: int = 0,
     n_jobs: int | None = None,
     factor_order: Sequence[int] | None = None,
-    max_bins: int | None = 256,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Importance matrix R (codes x factors) and per-factor train / test accuracies.
 
-    One classifier per factor, fitted in parallel (joblib, ``n_jobs`` defaults to the number of
-    CPUs), factors with many classes first so the workers stay balanced. ``max_bins`` applies to
-    ``estimator="hist"`` only (None: every midpoint, sklearn's exact candidates).
+    One classifier per factor, fitted in parallel (``n_jobs`` defaults to the number of CPUs;
+    joblib processes for sklearn, threads for the numba estimator), factors with many classes
+    first so the workers stay balanced.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown DCI estimator {estimator!r}; choose from {ESTIMATORS}")
@@ -130,14 +123,14 @@ def importance_matrix(
     num_factors = y.shape[1]
     if factor_order is None:
         factor_order = np.argsort([-len(np.unique(y[:, k])) for k in range(num_factors)])
-    if estimator == "gbt":  # one process per factor (threads do not scale: the GIL)
-        n_jobs = n_jobs or min(num_factors, os.cpu_count() or 1)
+    n_jobs = n_jobs or min(num_factors, os.cpu_count() or 1)
+    if estimator == "gbt":  # one process per factor (sklearn's trees hold the GIL)
         results = Parallel(n_jobs=n_jobs)(
             delayed(_fit_gbt)(x, y[:, k], xt, yt[:, k], random_state) for k in factor_order
         )
-    else:  # factors in turn, the classes of each boosting stage on n_jobs threads
-        n_threads = n_jobs or os.cpu_count() or 1
-        results = [_fit_hist(x, y[:, k], xt, yt[:, k], n_threads, max_bins) for k in factor_order]
+    else:  # one thread per factor: numba releases the GIL, and no barrier between factors
+        with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+            results = list(pool.map(lambda k: _fit_fast(x, y[:, k], xt, yt[:, k]), factor_order))
     r = np.zeros((x.shape[1], num_factors))
     acc_train = np.zeros(num_factors)
     acc_test = np.zeros(num_factors)
@@ -154,14 +147,13 @@ def dci(
     estimator: str = "gbt",
     random_state: int = 0,
     n_jobs: int | None = None,
-    max_bins: int | None = 256,
 ) -> dict[str, float]:
     """DCI scores; returns ``{"disentanglement", "completeness", "informativeness_train",
     "informativeness_test"}``.
 
-    ``estimator="gbt"`` is dlib's canonical sklearn GBT; ``"hist"`` is the fast, explicit
-    alternative described in the module docstring. ``random_state`` seeds the sklearn GBT (the
-    histogram estimator is deterministic).
+    ``estimator="gbt"`` is dlib's canonical sklearn GBT; ``"fast"`` is the same algorithm in
+    numba, an explicit alternative described in the module docstring. ``random_state`` seeds
+    the sklearn GBT (the fast estimator is deterministic).
     """
     r, acc_train, acc_test = importance_matrix(
         codes_train,
@@ -171,7 +163,6 @@ def dci(
         estimator,
         random_state,
         n_jobs,
-        max_bins=max_bins,
     )
     return {
         "disentanglement": disentanglement(r),

@@ -68,8 +68,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         beta_vae={"num_train": 1000, "num_eval": 500},
         factor_vae={"num_train": 1000, "num_eval": 500, "num_variance_estimate": 2000},
         mig={"num_train": 2000},
-        # the histogram GBT (numba): ~40x faster than sklearn's, DCI within ~0.03 of it
-        dci={"num_train": 2000, "num_test": 1000, "estimator": "hist"},
+        # sklearn's GBT algorithm in numba: same scores to ~0.005, ~20x faster
+        dci={"num_train": 2000, "num_test": 1000, "estimator": "fast"},
         sap={"num_train": 2000, "num_test": 1000},
         modularity={"num_train": 2000, "num_test": 1000},
         unsupervised={"num_train": 2000},
