@@ -45,6 +45,10 @@ def test_deterministic_per_seed_and_index() -> None:
     assert torch.equal(mixed[-5:], batch)
     # another seed, and the test split, are different digits
     assert not torch.equal(batch, ProcDigits("train", seed=4).images_u8_of(idx))
+    cached = ProcDigits("train", seed=3, cache=True)
+    assert torch.equal(cached.images_u8_of(idx[:3]), batch[:3])  # renders and stores
+    assert torch.equal(cached.images_u8_of(idx), batch)  # gathers the stored ones
+    assert int(cached._done.sum()) == 4
     test = ProcDigits("test", seed=3).images_u8_of(np.arange(5))
     assert not torch.equal(test, a.images_u8_of(np.arange(5)))
 

@@ -245,6 +245,9 @@ def test_hue_table_rotates_pure_red() -> None:
     assert torch.allclose(frames[0, 6, :, 5, 3], torch.tensor([0.0, 0.5, 0.0]), atol=1e-5)
     # brightness (HSV value) is kept and black stays black
     assert torch.allclose(frames.amax(dim=2), x.amax(dim=1).expand(1, 9, 28, 28))
+    # step 0 is x_0 itself, bit-exact, for every transformation
+    for k in range(3):
+        assert torch.equal(src.apply(x, np.array([k]), steps=2)[0, 0], x[0])
     # round trip RGB -> HSV -> RGB, and a full turn is the identity
     colours = torch.rand(4, 3, 5, 5)
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(colours)), colours, atol=1e-5)

@@ -107,6 +107,9 @@ class ProcDigits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     Args:
         split: ``"train"`` (60,000 images) or ``"test"`` (10,000).
         seed: the dataset seed; each seed is a different (fixed) set of 70,000 digits.
+        cache: keep every rendered image (uint8, 784 bytes each; 47 MB for the train split) and
+            gather it next time instead of re-rendering. Per process: DataLoader workers each
+            fill their own cache.
 
     ``get_batch`` / ``__getitems__`` render a whole batch in one vectorised call.
     """
@@ -114,7 +117,9 @@ class ProcDigits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     image_shape = (1, SIDE, SIDE)
     num_classes = NUM_CLASSES
 
-    def __init__(self, split: Literal["train", "test"] = "train", seed: int = 0) -> None:
+    def __init__(
+        self, split: Literal["train", "test"] = "train", seed: int = 0, cache: bool = False
+    ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         self.split = split
@@ -125,6 +130,9 @@ class ProcDigits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         centres = torch.arange(SIDE, dtype=torch.float32) + 0.5
         self._px = centres.repeat(SIDE)  # pixel-centre x, row-major (y, x)
         self._py = centres.repeat_interleave(SIDE)
+        self.cache = bool(cache)
+        self._cached: torch.Tensor | None = None  # uint8 (N, 784), allocated on first use
+        self._done: np.ndarray | None = None  # bool (N,): which rows of _cached are rendered
 
     def __len__(self) -> int:
         return self._size
@@ -163,11 +171,24 @@ class ProcDigits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def images_u8_of(self, positions: IndexLike) -> torch.Tensor:
         """Render positions (N,) as uint8 (N, 1, 28, 28)."""
         pos = self._checked(positions).reshape(-1)
+        if self.cache:
+            return self._from_cache(pos).reshape(-1, 1, SIDE, SIDE)
         out = torch.empty((pos.size, SIDE * SIDE), dtype=torch.uint8)
         for start in range(0, pos.size, CHUNK):
             sel = pos[start : start + CHUNK]
             out[start : start + len(sel)] = self._render(sel)
         return out.reshape(-1, 1, SIDE, SIDE)
+
+    def _from_cache(self, pos: np.ndarray) -> torch.Tensor:
+        if self._cached is None or self._done is None:
+            self._cached = torch.empty((self._size, SIDE * SIDE), dtype=torch.uint8)
+            self._done = np.zeros(self._size, dtype=bool)
+        todo = np.unique(pos[~self._done[pos]])
+        for start in range(0, todo.size, CHUNK):
+            sel = todo[start : start + CHUNK]
+            self._cached[torch.from_numpy(sel)] = self._render(sel)
+        self._done[todo] = True
+        return self._cached[torch.from_numpy(pos)]
 
     def _render(self, pos: np.ndarray) -> torch.Tensor:
         """uint8 (n, 784) images of positions ``pos``.
@@ -224,7 +245,7 @@ class ProcDigitsDataModule(L.LightningDataModule):
     """proc_digits as a labelled image set: batches ``(images (B, 1, 28, 28), labels (B,))``.
 
     Train is the 60k train split minus a seeded ``val_size`` held out for validation; test is the
-    10k test split. ``num_classes`` = 10.
+    10k test split. ``num_classes`` = 10. ``cache`` keeps rendered digits (see ProcDigits).
     """
 
     num_classes = NUM_CLASSES
@@ -238,13 +259,14 @@ class ProcDigitsDataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         pin_memory: bool = False,
+        cache: bool = True,
     ) -> None:
         super().__init__()
         if tuple(image_shape) != ProcDigits.image_shape:
             raise ValueError(f"proc_digits images are {list(ProcDigits.image_shape)}")
         self.image_shape = tuple(image_shape)
-        self.train_set = ProcDigits("train", seed)
-        self.test_set = ProcDigits("test", seed)
+        self.train_set = ProcDigits("train", seed, cache=cache)
+        self.test_set = ProcDigits("test", seed, cache=cache)
         order = np.random.default_rng(split_seed).permutation(len(self.train_set))
         self.splits = {"val": np.sort(order[:val_size]), "train": order[val_size:]}
         self.batch_size = batch_size

@@ -509,7 +509,10 @@ class MNISTSequences(ImageSequences):
 
 
 class ProcDigitsSequences(ImageSequences):
-    """proc_digits sequences: the MNIST transformations on the procedural digits' train split."""
+    """proc_digits sequences: the MNIST transformations on the procedural digits' train split.
+
+    ``cache`` keeps rendered digits (47 MB at most), so only the first epoch pays for rendering.
+    """
 
     def __init__(
         self,
@@ -518,8 +521,9 @@ class ProcDigitsSequences(ImageSequences):
         steps: Mapping[str, float] | None = None,
         eval_fraction: float = 0.2,
         split_seed: int = 0,
+        cache: bool = True,
     ) -> None:
-        self.digits = ProcDigits("train", seed=seed)
+        self.digits = ProcDigits("train", seed=seed, cache=cache)
         super().__init__(
             self.digits.images_u8_of,
             self.digits.labels,
