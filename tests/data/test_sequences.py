@@ -126,6 +126,8 @@ def test_factor_source_errors() -> None:
         SequenceDataModule(src, [1, 64, 64], seq_len=3)
     with pytest.raises(ValueError, match="image_shape"):
         SequenceDataModule(src, [3, 64, 64], seq_len=2)
+    with pytest.raises(ValueError, match="num_transforms=3 does not match"):
+        SequenceDataModule(src, [1, 64, 64], seq_len=2, num_transforms=3)
     with pytest.raises(ValueError, match="k_sampling"):
         SequenceDataModule(src, [1, 64, 64], seq_len=2, k_sampling="per_epoch")
 
@@ -386,8 +388,9 @@ def test_nvidia3d_sequences_without_mod_trick(tmp_path: Path, cls, sizes, factor
 )
 def test_procedural_configs(name: str, overrides: list[str], shape: tuple) -> None:
     cfg = compose_config("train", [f"data={name}", "data.batch_size=4", *overrides])
-    dm = instantiate(cfg.data)
+    dm = instantiate(cfg.data)  # checks data.num_transforms against the source
     assert dm.k_sampling == "per_batch" and dm.image_shape == shape
+    assert dm.num_transforms == cfg.data.num_transforms
     batch = next(iter(dm.train_dataloader()))
     assert batch["frames"].shape == (4, dm.seq_len + 1, *shape)
     assert (batch["k"] == batch["k"][0]).all()
@@ -404,7 +407,7 @@ def test_real_configs_compose_with_spec_settings() -> None:
         data = compose_config("train", [f"data={name}"]).data
         assert data.seq_len == s and data.eval_seq_len == s_eval and data.batch_size == 128
         names = data.source.get("transform_factors", data.source.get("transforms"))
-        assert len(names) == k, name
+        assert len(names) == k == data.num_transforms, name
     isaac = compose_config("train", ["data=isaac3d_seq"]).data
     assert "object_shape" not in isaac.source.transform_factors
     assert list(isaac.image_shape) == [3, 128, 128]

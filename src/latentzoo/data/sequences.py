@@ -116,6 +116,8 @@ class SequenceDataModule(L.LightningDataModule):
         image_shape: [C, H, W], checked against the source.
         seq_len: flow steps S of a training sequence (S + 1 frames).
         eval_seq_len: steps of validation/test sequences (default: ``seq_len``).
+        num_transforms: K, checked against the source; in the config so that models can read
+            it by interpolation (``${data.num_transforms}``).
         k_sampling: ``per_batch`` (one k per batch) or ``per_sample``.
         batch_size: sequences per batch.
         epoch_size: training sequences per epoch; null: the number of training starts.
@@ -131,6 +133,7 @@ class SequenceDataModule(L.LightningDataModule):
         image_shape: Sequence[int],
         seq_len: int,
         eval_seq_len: int | None = None,
+        num_transforms: int | None = None,
         k_sampling: KSampling = "per_batch",
         batch_size: int = 128,
         epoch_size: int | None = None,
@@ -145,6 +148,11 @@ class SequenceDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.image_shape={list(image_shape)} does not match the source's images "
                 f"{list(source.image_shape)}"
+            )
+        if num_transforms is not None and int(num_transforms) != source.num_transforms:
+            raise ValueError(
+                f"data.num_transforms={num_transforms} does not match the source's "
+                f"{source.num_transforms} transformations {list(source.transform_names)}"
             )
         if k_sampling not in ("per_batch", "per_sample"):
             raise ValueError(f"k_sampling must be 'per_batch' or 'per_sample', got {k_sampling!r}")
