@@ -13,7 +13,8 @@ without workers).
 - ``k_sampling: per_batch`` [ORIGINAL, default]: one k for the whole batch (the weak variant
   needs it); ``per_sample``: k drawn independently per sequence.
 - Training draws ``epoch_size`` sequences per epoch (default: the number of training starts),
-  seeded by ``(seed, epoch, rank)``; each DDP rank draws its own batches.
+  starts uniformly with replacement, seeded by ``(seed, epoch, rank)``. Under DDP Lightning
+  wraps the sampler and deals its batches out to the ranks (checked with 2 CPU processes).
 - Validation and test use a fixed, k-grouped set of sequences (``val_per_k`` / ``test_per_k``
   per transformation, ``eval_seq_len`` steps), every batch holding one k; image sets use the
   whole held-out split when ``*_per_k`` is null (MNIST: 12k per k).

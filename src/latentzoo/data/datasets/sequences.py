@@ -346,6 +346,7 @@ class ImageSequences(SequenceDataset):
     Args:
         images: a callable ``images(positions) -> uint8 (N, 1, H, W)`` of the base set.
         labels: int64 (N_base,) labels of the base set.
+        image_hw: (H, W) of the base images; frames are (3, H, W).
         transforms: the transformation of each k, from ``scale``, ``rotation``, ``hue``.
         steps: magnitude per step of each transformation (default: the spec's table).
         eval_fraction: fraction of the base set held out for evaluation (seeded, fixed).
