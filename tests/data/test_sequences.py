@@ -411,3 +411,66 @@ def test_real_configs_compose_with_spec_settings() -> None:
     isaac = compose_config("train", ["data=isaac3d_seq"]).data
     assert "object_shape" not in isaac.source.transform_factors
     assert list(isaac.image_shape) == [3, 128, 128]
+
+
+DDP_SCRIPT = """
+import json, sys, torch, lightning as L
+from latentzoo.data import SequenceDataModule
+from latentzoo.data.datasets import FactorSequences, ProcDSprites
+
+
+class Probe(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def training_step(self, batch, i):
+        assert (batch["k"] == batch["k"][0]).all()
+        self.seen.append(batch["factors"][:, 0].tolist())
+        return (self.w - batch["frames"].mean()) ** 2
+
+    def on_train_end(self):
+        with open(f"{sys.argv[1]}/rank{self.global_rank}.json", "w") as f:
+            json.dump(self.seen, f)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    src = FactorSequences(ProcDSprites("small"), ["scale", "orientation", "posX", "posY"])
+    dm = SequenceDataModule(src, [1, 64, 64], seq_len=2, batch_size=8, epoch_size=64)
+    trainer = L.Trainer(
+        accelerator="cpu", strategy="ddp", devices=2, max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(Probe(), dm)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_get_disjoint_batches(tmp_path: Path) -> None:
+    """Under DDP Lightning wraps the batch sampler and deals its 8 batches out to 2 ranks."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_probe.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 4  # 8 batches per epoch, 4 per rank
+    batches = [tuple(map(tuple, b)) for rank in seen for b in rank]
+    assert len(set(batches)) == 8  # no batch is seen twice
