@@ -101,6 +101,11 @@ def test_holdout_of_start_configurations(dsprites_source: FactorSequences) -> No
     assert not mask[train].any() and mask[held].all()
     assert 0.15 < mask.mean() < 0.25  # eval_holdout = 0.2 of the grid cells
     assert src.num_train == src.dataset.num_grid - int(mask.sum())
+    # pool sizes: valid starts of posX (8 classes, S = 2 -> classes 0..5) split by the mask
+    f = src.dataset.factors_of(np.arange(src.dataset.num_grid))
+    valid = f[:, 4] <= 5
+    assert src._pool_size("eval", 2, 2) == int((valid & mask).sum())
+    assert src._pool_size("train", 2, 2) == int((valid & ~mask).sum())
     # eval_holdout 0 ([ORIGINAL]): eval draws from the training starts
     everything = FactorSequences(src.dataset, PD_TRANSFORMS, eval_holdout=0.0)
     assert everything.num_train == src.dataset.num_grid

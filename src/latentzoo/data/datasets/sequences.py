@@ -197,6 +197,7 @@ class FactorSequences(SequenceDataset):
             if eval_holdout > 0
             else None
         )
+        self._pools: dict[tuple[str, int, int], int] = {}
 
     @property
     def num_starts(self) -> int:
@@ -235,7 +236,9 @@ class FactorSequences(SequenceDataset):
         self, split: Split, k: int, steps: int, n: int, rng: np.random.Generator
     ) -> np.ndarray:
         """``n`` start grid indices for k by rejection against the holdout (acceptance >= 0.1)."""
-        if self._pool_size(split, k, steps) == 0:
+        if (split, k, steps) not in self._pools:  # O(grid) count, once per (split, k, steps)
+            self._pools[split, k, steps] = self._pool_size(split, k, steps)
+        if self._pools[split, k, steps] == 0:
             raise ValueError(
                 f"no {split} start configuration for transformation {k} "
                 f"({self.transform_names[k]}) with {steps} steps; lower eval_holdout/seq_len"
