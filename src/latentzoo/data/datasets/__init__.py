@@ -39,3 +39,24 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# transformation sequences (latent_flow) and procedural digits
+from latentzoo.data.datasets.proc_digits import ProcDigits, ProcDigitsDataModule  # noqa: E402
+from latentzoo.data.datasets.sequences import (  # noqa: E402
+    FactorSequences,
+    ImageSequences,
+    MNISTSequences,
+    ProcDigitsSequences,
+    SequenceDataset,
+)
+
+__all__ += [
+    "FactorSequences",
+    "ImageSequences",
+    "MNISTSequences",
+    "ProcDigits",
+    "ProcDigitsDataModule",
+    "ProcDigitsSequences",
+    "SequenceDataset",
+]
