@@ -125,6 +125,7 @@ def test_cli_writes_outputs_with_prefix(fake_sweep: Path, tmp_path: Path) -> Non
     assert header == "model.beta,n,failed,val/loss_mean,val/loss_std,val/loss_n"
     assert (tmp_path / "summary" / "beta.md").is_file()
     assert main([str(tmp_path / "nothing_here")]) == 2
+    assert main([str(fake_sweep), "--metrics", "no/such_metric"]) == 2
 
 
 def test_train_writes_record_and_failure_record(tmp_path: Path, monkeypatch) -> None:

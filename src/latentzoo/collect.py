@@ -213,6 +213,8 @@ def select_metrics(runs: Sequence[Run], patterns: Sequence[str] | None) -> list[
 def format_stat(mean: float, std: float, n: int, group_n: int) -> str:
     if n == 0:
         return MISSING
+    if std < 1e-9 * abs(mean):  # equal values: float noise, not spread
+        std = 0.0
     text = f"{mean:.4g} ± {std:.2g}" if not math.isnan(std) else f"{mean:.4g}"
     return text if n == group_n else f"{text} (n={n})"
 
@@ -232,7 +234,7 @@ class Summary:
         rows = []
         for group in self.groups:
             n = len(group.completed)
-            row = [*group.values, str(n), str(len(group.runs) - n)]
+            row = [*(group.values or ("all",)), str(n), str(len(group.runs) - n)]
             row += [format_stat(*group.stats(m), n) for m in self.metrics]
             rows.append(row)
         return rows
@@ -283,8 +285,7 @@ class Summary:
             "| " + " | ".join(_md(h) for h in header) + " |",
             "|" + "|".join("---" for _ in header) + "|",
         ]
-        values = [row if self.keys else ["all", *row] for row in self.table_rows()]
-        lines += ["| " + " | ".join(_md(cell) for cell in row) + " |" for row in values]
+        lines += ["| " + " | ".join(_md(cell) for cell in row) + " |" for row in self.table_rows()]
         if self.problems:
             lines += [
                 "",
@@ -307,8 +308,7 @@ class Summary:
 
         console = Console()
         title = f"{root}: mean ± std (ddof=1) over seeds"
-        rows = [row if self.keys else ["all", *row] for row in self.table_rows()]
-        header = self.header
+        rows, header = self.table_rows(), self.header
         if len(self.metrics) > 6:  # many metrics: one row per metric reads better on a terminal
             nkeys = len(header) - len(self.metrics)
             table = Table(title=title)
@@ -383,6 +383,9 @@ def collect(
 ) -> Summary:
     """Summarise, write ``<out>.csv``, ``<out>.md`` and ``<out>_runs.csv``, print the table."""
     summary = summarize(paths, metrics, ignore)
+    if metrics and not summary.metrics:
+        available = ", ".join(select_metrics(summary.runs, None)) or "none"
+        raise LookupError(f"no metric matches {' '.join(metrics)}; available: {available}")
     root = default_root(paths)
     prefix = Path(out) if out else (root if root.is_dir() else root.parent) / "collect"
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -424,15 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = collect(args.paths, args.metrics, args.ignore, args.out)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, LookupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not any(run.ok for run in summary.runs):
         print("error: no run finished with metrics", file=sys.stderr)
         return 1
-    if not summary.metrics:
-        print(f"error: no metric matches {args.metrics}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from PIL import Image, ImageSequence
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -70,13 +71,14 @@ def fit(
     tmp_path: Path,
     max_steps: int = 3,
     model: L.LightningModule | None = None,
+    logger: Logger | bool = False,
 ) -> None:
     data = TensorDataset(torch.rand(24, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0)))
     trainer = L.Trainer(
         max_steps=max_steps,
         callbacks=callbacks,
         accelerator="cpu",
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -130,7 +132,8 @@ def test_periodic_writes_options_and_png_only(tmp_path: Path) -> None:
         str(images), every_n_steps=2, num_steps=3, max_dims=1, quantile=0.1, fps=10
     )
     plain = LatentTraversalGrid(str(tmp_path / "plain"), every_n_steps=0, num_steps=3, gif=False)
-    fit([traversal, plain], tmp_path, max_steps=4)
+    tensorboard = TensorBoardLogger(str(tmp_path), name="tb")
+    fit([traversal, plain], tmp_path, max_steps=4, logger=tensorboard)
     # every 2 steps; the end of training at step 4 is not drawn twice
     assert sorted(p.name for p in images.glob("*.png")) == [
         "traversals_step000002.png",
