@@ -164,6 +164,19 @@ def test_model_without_decode_is_skipped(tmp_path: Path) -> None:
     assert not any(callback._enabled for callback in callbacks)
 
 
+def test_code_that_is_not_a_vector_is_skipped(tmp_path: Path) -> None:
+    class GridCode(TwoLatentModel):
+        def encode(self, x: torch.Tensor) -> torch.Tensor:
+            return super().encode(x)[:, :, None]  # [B, 2, 1]: e.g. a set of particles
+
+        def decode(self, z: torch.Tensor) -> torch.Tensor:
+            return super().decode(z.flatten(1))
+
+    callback = LatentTraversalGrid(str(tmp_path / "images"), every_n_steps=1)
+    fit([callback], tmp_path, max_steps=2, model=GridCode())
+    assert not callback._enabled and not list(tmp_path.rglob("*.gif"))
+
+
 def test_bad_options_fail_clearly() -> None:
     with pytest.raises(ValueError, match="quantile"):
         LatentTraversalGrid("x", quantile=0.7)

@@ -111,6 +111,10 @@ def traversal_values(
     return low[:, None] + (high - low)[:, None] * steps  # [D, num_steps]
 
 
+class UnsupportedModel(Exception):
+    """The model has the capabilities by name but not in the shape a callback needs."""
+
+
 class _GridCallback(L.Callback):
     """Every ``every_n_steps`` training steps and at the end of training, draw a grid from a
     fixed validation batch and save it as ``<dirpath>/<name>_step<N>.png``."""
@@ -169,6 +173,9 @@ class _GridCallback(L.Callback):
                 save_image(grid, self.dirpath / f"{self.name}_step{step:06d}.png")
                 log_image(trainer, f"images/{self.name}", grid, step)
                 self.extra(trainer, model, images, step)
+        except UnsupportedModel as reason:
+            log.warning(f"{type(self).__name__} disabled: {reason}")
+            self._enabled = False
         finally:
             model.train(was_training)
 
@@ -252,6 +259,8 @@ class LatentTraversalGrid(_GridCallback):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes of ``images`` [B, D'] and sweep values [D', steps], D' = dims traversed."""
         codes = model.encode(images)
+        if codes.ndim != 2:
+            raise UnsupportedModel(f"encode gives shape {tuple(codes.shape)}, not [batch, dims]")
         dims = codes.shape[1] if self.max_dims is None else min(self.max_dims, codes.shape[1])
         values = traversal_values(codes, self.num_steps, self.limit, self.quantile)[:dims]
         return codes, values
