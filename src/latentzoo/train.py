@@ -29,13 +29,19 @@ from latentzoo.utils.checkpoint import (
     load_checkpoint,
 )
 from latentzoo.utils.entry import run_hydra_task
+from latentzoo.utils.run_record import RunRecord, record_run
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
 
 @task_wrapper
-def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train (and optionally test) the model; return the logged metrics and built objects."""
+@record_run
+def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train (and optionally test) the model; return the logged metrics and built objects.
+
+    Called as ``train(cfg)``: ``record_run`` supplies ``record`` and writes
+    ``<output_dir>/metrics.json`` (final metrics, or the error of a failed run).
+    """
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -56,9 +62,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += [ConfigInCheckpoint(cfg), ResumeReport()]
-    loggers = instantiate_loggers(cfg.get("logger"))
+    # the last appended logger keeps callback-logged scores (e.g. disentanglement) for the record
+    loggers = [*instantiate_loggers(cfg.get("logger")), record.logged]
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    record.trainer = trainer
 
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
     log_hyperparameters(objects)
@@ -77,7 +85,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
         test_metrics = dict(trainer.callback_metrics)
 
-    metrics = {key: float(value) for key, value in {**train_metrics, **test_metrics}.items()}
+    final = {**record.logged.metrics, **train_metrics, **test_metrics}
+    metrics = {key: float(value) for key, value in final.items()}
     return metrics, objects
 
 

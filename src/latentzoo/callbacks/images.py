@@ -1,12 +1,20 @@
-"""Reconstruction and latent-traversal grids, written to the run dir and image-capable loggers."""
+"""Reconstruction grids, latent-traversal grids and traversal GIFs, written to the run dir and to
+the image-capable loggers (TensorBoard, Weights & Biases).
+
+Model-agnostic: a model qualifies if it has ``encode(x) -> [B, D]`` (a deterministic code) and
+``decode(z) -> images in [0, 1]``; otherwise the callback disables itself with a warning.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from latentzoo.utils.logging import RankedLogger
@@ -24,6 +32,89 @@ def log_image(trainer: L.Trainer, tag: str, grid: torch.Tensor, step: int) -> No
             logger.log_image(key=tag, images=[grid], step=step)
 
 
+def log_gif(trainer: L.Trainer, tag: str, path: Path, step: int) -> None:
+    """Send an animated GIF file to the loggers that show one; a failure only warns.
+
+    TensorBoard shows a GIF-encoded image summary as an animation (what ``add_video`` writes,
+    minus its moviepy dependency); W&B takes the file as a ``wandb.Video``.
+    """
+    for logger in trainer.loggers:
+        try:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image") and hasattr(experiment, "_get_file_writer"):
+                from tensorboard.compat.proto.summary_pb2 import Summary
+
+                with Image.open(path) as gif:
+                    width, height = gif.size
+                image = Summary.Image(
+                    height=height, width=width, colorspace=3, encoded_image_string=path.read_bytes()
+                )
+                summary = Summary(value=[Summary.Value(tag=tag, image=image)])
+                experiment._get_file_writer().add_summary(summary, step)
+            elif hasattr(logger, "log_video"):  # Weights & Biases
+                logger.log_video(key=tag, videos=[str(path)], step=step)
+        except Exception as error:  # a logger hiccup must not stop training
+            log.warning(f"Could not send {path.name} to {type(logger).__name__}: {error}")
+
+
+def to_uint8(grid: torch.Tensor) -> np.ndarray:
+    """[C, H, W] in [0, 1] -> [H, W, 3] uint8."""
+    grid = grid.detach().float().clamp(0, 1).cpu()
+    if grid.shape[0] == 1:
+        grid = grid.expand(3, -1, -1)
+    return (grid[:3] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def save_gif(frames: Sequence[np.ndarray], path: Path, fps: float) -> None:
+    """Write [H, W, 3] uint8 frames as a looping GIF. All frames share one palette and one
+    colour-to-index map, so equal pixels stay equal from frame to frame; up to 256 colours
+    (e.g. grayscale) are stored exactly, more are median-cut to 256."""
+    height = frames[0].shape[0]
+    stack = np.concatenate(list(frames), axis=0)  # [T * H, W, 3]
+    colors, inverse = np.unique(stack.reshape(-1, 3), axis=0, return_inverse=True)
+    if len(colors) <= 256:
+        indices = inverse.reshape(stack.shape[:2]).astype(np.uint8)
+        palette = colors.flatten().tolist()
+    else:
+        quantized = Image.fromarray(stack).quantize(256, Image.Quantize.MEDIANCUT)
+        indices, palette = np.asarray(quantized), quantized.getpalette()
+    images = []
+    for start in range(0, len(stack), height):
+        image = Image.fromarray(indices[start : start + height], mode="P")
+        image.putpalette(palette)
+        images.append(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(
+        path,
+        save_all=True,
+        append_images=images[1:],
+        duration=max(int(round(1000 / fps)), 20),
+        loop=0,
+        optimize=False,
+    )
+
+
+def traversal_values(
+    codes: torch.Tensor, num_steps: int, limit: float, quantile: float | None
+) -> torch.Tensor:
+    """[D, num_steps] values each latent is swept over: ``[-limit, limit]`` (the prior's bulk),
+    or, with ``quantile=q``, from the q- to the (1-q)-quantile of the posterior means in
+    ``codes`` [B, D] (useful when the code is not standard-normal, e.g. a collapsed or scaled
+    latent)."""
+    steps = torch.linspace(0, 1, num_steps, device=codes.device)
+    if quantile is None:
+        low = torch.full((codes.shape[1],), -limit, device=codes.device)
+        high = -low
+    else:
+        bounds = torch.tensor([quantile, 1 - quantile], device=codes.device)
+        low, high = torch.quantile(codes.float(), bounds, dim=0)
+    return low[:, None] + (high - low)[:, None] * steps  # [D, num_steps]
+
+
+class UnsupportedModel(Exception):
+    """The model has the capabilities by name but not in the shape a callback needs."""
+
+
 class _GridCallback(L.Callback):
     """Every ``every_n_steps`` training steps and at the end of training, draw a grid from a
     fixed validation batch and save it as ``<dirpath>/<name>_step<N>.png``."""
@@ -37,38 +128,56 @@ class _GridCallback(L.Callback):
         self.num_images = num_images
         self._images: torch.Tensor | None = None
         self._enabled = True
+        self._last_step = -1
+
+    @property
+    def images_needed(self) -> int | None:
+        """How many images of the first validation batch to keep (None: all of them)."""
+        return self.num_images
 
     def draw(self, model: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _fixed_images(self, trainer: L.Trainer) -> torch.Tensor | None:
+    def extra(
+        self, trainer: L.Trainer, model: L.LightningModule, images: torch.Tensor, step: int
+    ) -> None:
+        """Further outputs after the PNG (called under ``no_grad`` in eval mode)."""
+
+    def _fixed_images(self, trainer: L.Trainer) -> torch.Tensor:
         if self._images is None:
             loaders = trainer.val_dataloaders or trainer.datamodule.val_dataloader()
             loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
             batch = next(iter(loader))
             images = batch[0] if isinstance(batch, list | tuple) else batch
-            self._images = images[: self.num_images]
+            self._images = images[: self.images_needed].cpu()
         return self._images
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, model: L.LightningModule) -> None:
-        if not self._enabled:
+        step = trainer.global_step
+        if not self._enabled or step == self._last_step:  # train end right after a periodic one
             return
         missing = [name for name in self.required if not hasattr(model, name)]
         if missing:
             log.warning(f"{type(self).__name__} disabled: the model has no {', '.join(missing)}")
             self._enabled = False
             return
+        self._last_step = step
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            grid = self.draw(model, self._fixed_images(trainer).to(model.device)).float().cpu()
-        model.train(was_training)
-        step = trainer.global_step
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        path = self.dirpath / f"{self.name}_step{step:06d}.png"
-        save_image(grid, path)
-        log_image(trainer, f"images/{self.name}", grid, step)
+        try:
+            with torch.no_grad():
+                images = self._fixed_images(trainer).to(model.device)
+                grid = self.draw(model, images).float().cpu()
+                self.dirpath.mkdir(parents=True, exist_ok=True)
+                save_image(grid, self.dirpath / f"{self.name}_step{step:06d}.png")
+                log_image(trainer, f"images/{self.name}", grid, step)
+                self.extra(trainer, model, images, step)
+        except UnsupportedModel as reason:
+            log.warning(f"{type(self).__name__} disabled: {reason}")
+            self._enabled = False
+        finally:
+            model.train(was_training)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -90,8 +199,27 @@ class ReconstructionGrid(_GridCallback):
 
 
 class LatentTraversalGrid(_GridCallback):
-    """One row per latent dimension: the code of one image with that dimension swept over
-    ``[-limit, limit]`` (the prior's bulk) while the others stay at the posterior mean."""
+    """Latent traversals: each latent dimension swept while the others stay at the posterior
+    mean of a validation image.
+
+    Writes ``<dirpath>/traversals_step<N>.png`` (one row per dimension, one column per value,
+    for image ``image_index``) and, with ``gif=True``,
+    ``<dirpath>/traversals_step<N>/dim<d>.gif``: one animation per dimension whose frames are
+    the ``num_steps`` values, each frame showing ``num_images`` validation images side by side
+    with a bar below marking the position in the sweep.
+
+    Args:
+        every_n_steps: draw every this many training steps (0: only at the end of training).
+        num_steps: values per sweep (PNG columns, GIF frames).
+        limit: sweep ``[-limit, limit]`` (ignored when ``quantile`` is set).
+        quantile: sweep each dimension from this to ``1 - quantile`` quantile of the posterior
+            means of the first validation batch, e.g. 0.05.
+        num_images: validation images per GIF frame.
+        max_dims: traverse only the first this many dimensions (None: all).
+        fps: GIF frames per second.
+        gif: write the GIFs (the PNG is always written).
+        image_index: which validation image the PNG traverses.
+    """
 
     name = "traversals"
 
@@ -101,18 +229,81 @@ class LatentTraversalGrid(_GridCallback):
         every_n_steps: int = 500,
         num_steps: int = 10,
         limit: float = 2.5,
+        quantile: float | None = None,
+        num_images: int = 4,
+        max_dims: int | None = None,
+        fps: float = 5.0,
+        gif: bool = True,
         image_index: int = 0,
     ) -> None:
-        super().__init__(dirpath, every_n_steps, num_images=image_index + 1)
+        if quantile is not None and not 0 <= quantile < 0.5:
+            raise ValueError(f"quantile must be in [0, 0.5), got {quantile}")
+        if num_steps < 2:
+            raise ValueError(f"num_steps must be at least 2, got {num_steps}")
+        super().__init__(dirpath, every_n_steps, num_images=max(num_images, image_index + 1))
         self.num_steps = num_steps
         self.limit = limit
+        self.quantile = quantile
+        self.gif_images = num_images
+        self.max_dims = max_dims
+        self.fps = fps
+        self.gif = gif
         self.image_index = image_index
 
+    @property
+    def images_needed(self) -> int | None:
+        return None if self.quantile is not None else self.num_images  # quantiles: whole batch
+
+    def _codes_and_values(
+        self, model: L.LightningModule, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes of ``images`` [B, D'] and sweep values [D', steps], D' = dims traversed."""
+        codes = model.encode(images)
+        if codes.ndim != 2:
+            raise UnsupportedModel(f"encode gives shape {tuple(codes.shape)}, not [batch, dims]")
+        dims = codes.shape[1] if self.max_dims is None else min(self.max_dims, codes.shape[1])
+        values = traversal_values(codes, self.num_steps, self.limit, self.quantile)[:dims]
+        return codes, values
+
     def draw(self, model: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
-        code = model.encode(images[self.image_index : self.image_index + 1])[0]  # [D]
-        dims = code.shape[0]
-        values = torch.linspace(-self.limit, self.limit, self.num_steps, device=code.device)
-        codes = code.repeat(dims, self.num_steps, 1)  # [D, steps, D]
-        codes[torch.arange(dims), :, torch.arange(dims)] = values
-        decoded = model.decode(codes.flatten(0, 1))
-        return make_grid(decoded, nrow=self.num_steps, pad_value=0.5)
+        codes, values = self._codes_and_values(model, images)
+        dims = values.shape[0]
+        code = codes[self.image_index]  # [D]
+        swept = code.repeat(dims, self.num_steps, 1)  # [dims, steps, D]
+        swept[torch.arange(dims), :, torch.arange(dims)] = values
+        decoded = model.decode(swept.flatten(0, 1))
+        return make_grid(decoded.clamp(0, 1), nrow=self.num_steps, pad_value=0.5)
+
+    def frames(self, model: L.LightningModule, images: torch.Tensor, dim: int) -> list[np.ndarray]:
+        """GIF frames for latent ``dim`` of ``images``: [H, W, 3] uint8, one per sweep value."""
+        return self._frames(model, *self._codes_and_values(model, images), dim)
+
+    def _frames(
+        self, model: L.LightningModule, codes: torch.Tensor, values: torch.Tensor, dim: int
+    ) -> list[np.ndarray]:
+        codes = codes[: self.gif_images]
+        swept = codes.repeat(self.num_steps, 1, 1)  # [steps, N, D]
+        swept[:, :, dim] = values[dim][:, None]
+        decoded = model.decode(swept.flatten(0, 1)).clamp(0, 1)
+        decoded = decoded.unflatten(0, (self.num_steps, len(codes)))
+        frames = []
+        for index, row in enumerate(decoded):
+            frame = to_uint8(make_grid(row, nrow=len(row), pad_value=0.5))
+            height, width = frame.shape[:2]
+            # the position in the sweep; also keeps Pillow from merging equal frames
+            bar = np.full((max(3, height // 20), width, 3), 64, dtype=np.uint8)
+            bar[:, : round(width * (index + 1) / self.num_steps)] = 255
+            frames.append(np.concatenate([frame, bar], axis=0))
+        return frames
+
+    def extra(
+        self, trainer: L.Trainer, model: L.LightningModule, images: torch.Tensor, step: int
+    ) -> None:
+        if not self.gif:
+            return
+        folder = self.dirpath / f"{self.name}_step{step:06d}"
+        codes, values = self._codes_and_values(model, images)
+        for dim in range(values.shape[0]):
+            path = folder / f"dim{dim:02d}.gif"
+            save_gif(self._frames(model, codes, values, dim), path, self.fps)
+            log_gif(trainer, f"images/{self.name}_dim{dim:02d}", path, step)

@@ -1,0 +1,186 @@
+"""Sweep summaries: the run record train writes, and ``python -m latentzoo.collect`` over it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from latentzoo.collect import collect, main, parse_overrides, summarize
+from latentzoo.train import train
+from latentzoo.utils import NonFiniteLossError
+from tests.conftest import ROOT, TINY_DATA, TINY_TRAINER, compose_config, run_cli
+
+# val/loss per (beta, seed): beta=4 seed=3 crashed
+VAL_LOSS = {("1", 0): 10.0, ("1", 1): 12.5, ("1", 2): 11.0, ("4", 0): 20.0, ("4", 1): 23.0}
+VAL_LOSS[("4", 2)] = 21.0
+
+
+def make_run(
+    path: Path, overrides: list[str], record: dict | None, config: dict | None = None
+) -> Path:
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if config is not None:
+        (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    if record is not None:
+        (path / "metrics.json").write_text(json.dumps(record))
+    return path
+
+
+@pytest.fixture
+def fake_sweep(tmp_path: Path) -> Path:
+    """Two configurations (model.beta=1, 4) x 3 seeds, one crashed run, one without a record."""
+    sweep = tmp_path / "multiruns" / "2026-01-01_00-00-00"
+    job = 0
+    for (beta, seed), loss in VAL_LOSS.items():
+        metrics = {"val/loss": loss, "test/loss": loss + seed, "train/loss": 2 * loss}
+        if not (beta == "4" and seed == 2):  # one run never logged a disentanglement score
+            metrics["disentanglement/mig"] = 0.1 * seed + float(beta)
+        record = {"status": "completed", "global_step": 100, "metrics": metrics}
+        overrides = [f"model.beta={beta}", f"seed={seed}", "paths.log_dir=/x"]
+        make_run(sweep / str(job), overrides, record)
+        job += 1
+    make_run(
+        sweep / str(job),
+        ["model.beta=4", "seed=3", "paths.log_dir=/x"],
+        {"status": "failed", "global_step": 7, "metrics": {}, "error": "RuntimeError: boom"},
+    )
+    make_run(sweep / str(job + 1), ["model.beta=1", "seed=3", "paths.log_dir=/x"], None)
+    (sweep / "multirun.yaml").write_text("{}")
+    return sweep
+
+
+def test_parse_overrides() -> None:
+    assert parse_overrides(["model.beta=4", "+x=a=b", "++y=1", "~callbacks.z"]) == {
+        "model.beta": "4",
+        "x": "a=b",
+        "y": "1",
+        "~callbacks.z": "<deleted>",
+    }
+
+
+def test_mean_std_grouping_and_failed_runs(fake_sweep: Path) -> None:
+    summary = collect([fake_sweep], show=False)
+    assert summary.keys == ["model.beta"]  # seed and the constant paths.log_dir are not keys
+    assert [g.values for g in summary.groups] == [("1",), ("4",)]
+    for group in summary.groups:
+        (beta,) = group.values
+        expected = np.array([VAL_LOSS[(beta, s)] for s in range(3)])
+        mean, std, n = group.stats("val/loss")
+        assert n == 3 and len(group.completed) == 3
+        assert mean == pytest.approx(expected.mean())
+        assert std == pytest.approx(np.std(expected, ddof=1))
+    # a metric one run lacks: mean over the runs that have it, n says so
+    mean, std, n = summary.groups[1].stats("disentanglement/mig")
+    assert n == 2 and mean == pytest.approx(4.05) and std == pytest.approx(np.std([4, 4.1], ddof=1))
+    problems = {(r.overrides["seed"], r.status, r.error) for r in summary.problems}
+    assert ("3", "failed", "RuntimeError: boom") in problems
+    assert any(seed == "3" and status == "missing" for seed, status, _ in problems)
+    assert [len(g.runs) - len(g.completed) for g in summary.groups] == [1, 1]
+
+    with (fake_sweep / "collect.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [row["model.beta"] for row in rows] == ["1", "4"]
+    assert float(rows[1]["val/loss_mean"]) == pytest.approx(np.mean([20, 23, 21]))
+    assert float(rows[1]["val/loss_std"]) == pytest.approx(np.std([20, 23, 21], ddof=1))
+    assert rows[1]["n"] == "3" and rows[1]["failed"] == "1"
+    markdown = (fake_sweep / "collect.md").read_text()
+    assert "ddof=1" in markdown
+    assert f"| 4 | 3 | 1 | {np.mean([4, 4.1]):.4g} ± " in markdown and "(n=2)" in markdown
+    assert "RuntimeError: boom" in markdown and "seed=3" in markdown
+    with (fake_sweep / "collect_runs.csv").open() as file:
+        runs = list(csv.DictReader(file))
+    assert len(runs) == 8 and {r["status"] for r in runs} == {"completed", "failed", "missing"}
+
+
+def test_metric_selection_ignore_and_run_lists(fake_sweep: Path, tmp_path: Path) -> None:
+    summary = summarize([fake_sweep], metrics=["val/*", "test/(loss|kl)"])
+    assert summary.metrics == ["test/loss", "val/loss"]
+    assert summarize([fake_sweep], ignore=["model.beta"]).keys == []
+    # a list of run dirs, grouping all of them in one row
+    one = summarize([fake_sweep / "0", fake_sweep / "1"])
+    assert one.keys == [] and len(one.groups) == 1
+    assert one.groups[0].stats("val/loss")[0] == pytest.approx(np.mean([10.0, 12.5]))
+    # a key missing from some runs' overrides falls back to their saved config
+    tree = tmp_path / "runs"
+    for i, (overrides, beta) in enumerate([([], 4), ([], 4), (["model.beta=1"], 1)]):
+        record = {"status": "completed", "metrics": {"val/loss": float(i)}}
+        make_run(tree / f"run{i}", overrides, record, {"model": {"beta": beta}})
+    groups = summarize([tree]).groups
+    assert [(g.values, len(g.runs)) for g in groups] == [(("1",), 1), (("4",), 2)]
+
+
+def test_cli_writes_outputs_with_prefix(fake_sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "summary" / "beta"
+    assert main([str(fake_sweep), "--metrics", "val/loss", "--out", str(out)]) == 0
+    header = (tmp_path / "summary" / "beta.csv").read_text().splitlines()[0]
+    assert header == "model.beta,n,failed,val/loss_mean,val/loss_std,val/loss_n"
+    assert (tmp_path / "summary" / "beta.md").is_file()
+    assert main([str(tmp_path / "nothing_here")]) == 2
+    assert main([str(fake_sweep), "--metrics", "no/such_metric"]) == 2
+
+
+def test_train_writes_record_and_failure_record(tmp_path: Path, monkeypatch) -> None:
+    from latentzoo.models import BetaVAE
+
+    real_step = BetaVAE.step
+
+    def poisoned_step(self, batch, stage):
+        terms = real_step(self, batch, stage)
+        if stage == "train" and self.global_step == 3:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(BetaVAE, "step", poisoned_step)
+    overrides = [*TINY_DATA, *TINY_TRAINER, "callbacks=model_checkpoint", "test=false"]
+    cfg = compose_config("train", overrides, tmp_path)
+    with pytest.raises(NonFiniteLossError):
+        train(cfg)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["global_step"] == 3
+    assert record["error"].startswith("NonFiniteLossError:") and "global step 3" in record["error"]
+    assert np.isfinite(record["metrics"]["train/loss"])  # what was logged before the crash
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
+    (problem,) = summarize([tmp_path]).problems
+    assert problem.status == "failed" and "global step 3" in problem.error
+
+
+def test_real_multirun_then_collect(tmp_path: Path) -> None:
+    quick = [
+        *TINY_DATA,
+        *[o for o in TINY_TRAINER if "max_steps" not in o],
+        "callbacks=model_checkpoint",
+        "trainer.max_steps=2",
+    ]
+    result = run_cli("train.py", "-m", "seed=0,1", f"paths.log_dir={tmp_path}", *quick)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
+    records = [json.loads((sweep / job / "metrics.json").read_text()) for job in ("0", "1")]
+    assert all(r["status"] == "completed" and r["global_step"] == 2 for r in records)
+    losses = np.array([r["metrics"]["test/loss"] for r in records])
+    assert losses[0] != losses[1]  # the seeds differ
+
+    done = subprocess.run(
+        [sys.executable, "-m", "latentzoo.collect", str(sweep), "--metrics", "test/*"],
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "test/loss" in done.stdout and "ddof=1" in done.stdout
+    with (sweep / "collect.csv").open() as file:
+        (row,) = list(csv.DictReader(file))
+    assert row["n"] == "2" and row["failed"] == "0"
+    assert float(row["test/loss_mean"]) == pytest.approx(losses.mean())
+    assert float(row["test/loss_std"]) == pytest.approx(np.std(losses, ddof=1))
