@@ -1,6 +1,6 @@
 """Encode an image dataset once with a frozen first stage (latent caching, LFM spec §8).
 
-    python -m latentzoo.cache_latents data=celeba256 model/autoencoder=sd_vae out=/data/celeba256_sdvae
+    python -m latentzoo.cache_latents data=celeba256 model/autoencoder=sd_vae out=/data/c256_sd
 
 Every image **and its horizontal flip** is encoded; the posterior mean and std are stored in
 float16 shards of memory-mapped ``.npy`` plus labels and a ``manifest.json`` (format in
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,25 +43,28 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch[0], batch[1] if len(batch) > 1 else None
     else:
         images, labels = batch, None
-    if labels is None:
+    if labels is None or labels.dim() != 1:  # unlabelled, or factor tables: not class labels
         labels = torch.zeros(images.shape[0], dtype=torch.long)
     return images, labels
 
 
-def training_images(datamodule: Any) -> Dataset:
-    """The datamodule's training split as a dataset (image datamodules name it differently)."""
+def training_images(datamodule: Any) -> Dataset | Iterable:
+    """The datamodule's training split as a dataset (image datamodules name it differently),
+    else its train dataloader (whose order, shuffling and drop_last then apply)."""
     datamodule.setup("fit")
     for name in ("train_dataset", "data_train", "dataset_train", "train_set"):
         if getattr(datamodule, name, None) is not None:
             return getattr(datamodule, name)
-    raise LatentzooError(
-        f"{type(datamodule).__name__} exposes no training dataset attribute (train_dataset)"
+    log.warning(
+        f"{type(datamodule).__name__} exposes no train_dataset; encoding its train_dataloader() "
+        "(shuffled/dropped items follow the datamodule)"
     )
+    return datamodule.train_dataloader()
 
 
 @torch.no_grad()
 def cache_latents(
-    dataset: Dataset,
+    dataset: Dataset | Iterable,
     autoencoder: FirstStage,
     out: str | Path,
     image_shape: list[int],
@@ -76,22 +80,34 @@ def cache_latents(
     """Encode ``dataset`` (items ``(image in [0, 1], label)``) into shards under ``out``."""
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else ("cpu" if device == "auto" else device)
+    )
     autoencoder = autoencoder.to(dev).freeze()
     describe = autoencoder.describe()
     key = hashlib.sha256(json.dumps([describe, key], sort_keys=True).encode()).hexdigest()[:16]
     manifest_file = out / MANIFEST
     manifest: dict[str, Any] = {
-        "format": FORMAT, "key": key, "autoencoder": describe, "image_shape": list(image_shape),
-        "latent_shape": autoencoder.latent_shape(image_shape), "num_classes": num_classes or 0,
-        "flips": True, "dtype": "float16", "shards": [], "count": 0, "complete": False,
+        "format": FORMAT,
+        "key": key,
+        "autoencoder": describe,
+        "image_shape": list(image_shape),
+        "latent_shape": autoencoder.latent_shape(image_shape),
+        "num_classes": num_classes or 0,
+        "flips": True,
+        "dtype": "float16",
+        "shards": [],
+        "count": 0,
+        "complete": False,
     }
     if manifest_file.is_file():
         old = json.loads(manifest_file.read_text())
         if old.get("key") != key and not overwrite:
             raise LatentzooError(
-                f"'{out}' holds latents of another autoencoder/data config ({old.get('autoencoder', {}).get('name')}); "
+                f"'{out}' holds latents of another autoencoder/data config "
+                f"({old.get('autoencoder', {}).get('name')}); "
                 "choose another out= or pass overwrite=true"
             )
         if old.get("key") == key:
@@ -103,16 +119,21 @@ def cache_latents(
             for f in out.glob("shard_*.npy"):
                 f.unlink()
     done = sum(s["count"] for s in manifest["shards"])
-    total = len(dataset) if not isinstance(dataset, IterableDataset) else None
+    is_loader = isinstance(dataset, DataLoader)
+    streaming = is_loader or isinstance(dataset, IterableDataset)
+    total = None if streaming else len(dataset)
     if limit is not None:
         total = min(limit, total) if total is not None else limit
     if done:
-        if isinstance(dataset, IterableDataset):
+        if streaming:
             raise LatentzooError("cannot resume an iterable dataset; pass overwrite=true")
         log.info(f"resuming after {done} cached items")
-    if not isinstance(dataset, IterableDataset):
-        dataset = Subset(dataset, range(done, total))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    if is_loader:
+        loader = dataset
+    else:
+        if not streaming:
+            dataset = Subset(dataset, range(done, total))
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     buffers: dict[str, list[np.ndarray]] = {"mean": [], "std": [], "label": []}
     count = done
 
@@ -159,7 +180,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     autoencoder: FirstStage = hydra.utils.instantiate(cfg.model.autoencoder)
     flip = getattr(datamodule, "random_flip", None) or getattr(datamodule, "hflip", None)
     if flip:
-        log.warning("the datamodule flips images at random; caching adds flips itself, so turn it off")
+        log.warning(
+            "the datamodule flips images at random; caching adds flips itself, so turn it off"
+        )
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     return cache_latents(
         training_images(datamodule),

@@ -13,8 +13,17 @@ from latentzoo.models.nets.unet_adm import ADMUNet
     "channels,size,patch,classes", [(4, 32, 2, 0), (4, 16, 4, 10), (3, 32, 8, 5), (1, 8, 2, 0)]
 )
 def test_dit_shapes(channels: int, size: int, patch: int, classes: int) -> None:
-    net = DiT(channels, size, classes, 0.1, size=None, depth=2, hidden_size=64, num_heads=4,
-              patch_size=patch)
+    net = DiT(
+        channels,
+        size,
+        classes,
+        0.1,
+        size=None,
+        depth=2,
+        hidden_size=64,
+        num_heads=4,
+        patch_size=patch,
+    )
     y = torch.randint(0, classes, (3,)) if classes else None
     out = net(torch.randn(3, channels, size, size), torch.rand(3), y)
     assert out.shape == (3, channels, size, size)
@@ -40,7 +49,10 @@ def test_dit_parameter_counts_match_the_spec() -> None:
 def test_dit_label_null_row_and_time_dependence() -> None:
     net = DiT(4, 8, 3, 0.1, size=None, depth=1, hidden_size=32, num_heads=2)
     assert net.y_embedder.num_embeddings == 4
-    assert DiT(4, 8, 3, 0.0, size=None, depth=1, hidden_size=32, num_heads=2).y_embedder.num_embeddings == 3
+    assert (
+        DiT(4, 8, 3, 0.0, size=None, depth=1, hidden_size=32, num_heads=2).y_embedder.num_embeddings
+        == 3
+    )
     emb = timestep_embedding(torch.tensor([0.0, 0.5]), 256)
     assert emb.shape == (2, 256) and torch.allclose(emb[0, :128], torch.ones(128))
 
@@ -50,8 +62,18 @@ def test_dit_label_null_row_and_time_dependence() -> None:
     [([1, 2], [], 0, True), ([1, 2, 2], [8, 4], 5, True), ([1, 1, 2, 2], [16], 0, False)],
 )
 def test_unet_shapes_and_zero_init(mult, attn, classes, scale_shift) -> None:
-    net = ADMUNet(4, 16, classes, 0.1, model_channels=32, channel_mult=mult, num_res_blocks=1,
-                  attention_resolutions=attn, num_heads=2, use_scale_shift_norm=scale_shift)
+    net = ADMUNet(
+        4,
+        16,
+        classes,
+        0.1,
+        model_channels=32,
+        channel_mult=mult,
+        num_res_blocks=1,
+        attention_resolutions=attn,
+        num_heads=2,
+        use_scale_shift_norm=scale_shift,
+    )
     y = torch.randint(0, classes + 1, (2,)) if classes else None
     out = net(torch.randn(2, 4, 16, 16), torch.rand(2), y)
     assert out.shape == (2, 4, 16, 16)

@@ -20,7 +20,6 @@ from latentzoo.utils.errors import LatentzooError
 from tests.conftest import compose_config
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny nets run faster on one thread than oversubscribed on a shared machine."""
@@ -35,8 +34,12 @@ TINY_DIT = functools.partial(DiT, size=None, depth=2, hidden_size=64, num_heads=
 
 def tiny_model(num_classes: int = 0, label_dropout: float = 0.0, **kwargs) -> LatentFlowMatching:
     return LatentFlowMatching(
-        TINY_DIT, IdentityFirstStage(3), [3, 8, 8], num_classes=num_classes,
-        label_dropout=label_dropout, **kwargs,
+        TINY_DIT,
+        IdentityFirstStage(3),
+        [3, 8, 8],
+        num_classes=num_classes,
+        label_dropout=label_dropout,
+        **kwargs,
     )
 
 
@@ -151,14 +154,24 @@ def _loader(n: int = 16, classes: int = 3) -> DataLoader:
 
 
 def _trainer(tmp_path: Path, steps: int) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path,
-                     enable_checkpointing=False)
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+    )
 
 
 def test_ema_survives_a_checkpoint_round_trip(tmp_path: Path) -> None:
-    model = tiny_model(num_classes=3, label_dropout=0.1, ema_decay=0.5,
-                       optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
+    model = tiny_model(
+        num_classes=3,
+        label_dropout=0.1,
+        ema_decay=0.5,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
+    )
     trainer = _trainer(tmp_path, 3)
     trainer.fit(model, _loader())
     assert model.ema.num_updates == 3
@@ -227,7 +240,9 @@ def test_latent_batches_and_time_convention_lfm_give_the_same_loss() -> None:
 
 def test_sample_returns_images_in_unit_range_with_nfe() -> None:
     model = LatentFlowMatching(
-        TINY_DIT, KLFirstStage(net=KLAutoencoderNet(3, 3, 8, [1, 2], 1)), [3, 16, 16],
+        TINY_DIT,
+        KLFirstStage(net=KLAutoencoderNet(3, 3, 8, [1, 2], 1)),
+        [3, 16, 16],
         sampler={"name": "heun", "steps": 4},
     )
     images = model.sample(3)
@@ -263,12 +278,21 @@ def test_kl_autoencoder_trains_a_few_steps() -> None:
 def test_kl_first_stage_loads_a_kl_autoencoder_checkpoint(tmp_path: Path) -> None:
     from latentzoo.utils.checkpoint import CHECKPOINT_KEY
 
-    net_cfg = {"_target_": "latentzoo.models.autoencoders.KLAutoencoderNet", "in_channels": 3,
-               "z_channels": 3, "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1}
+    net_cfg = {
+        "_target_": "latentzoo.models.autoencoders.KLAutoencoderNet",
+        "in_channels": 3,
+        "z_channels": 3,
+        "ch": 8,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+    }
     model = KLAutoencoder(hydra.utils.instantiate(net_cfg))
-    checkpoint = {"state_dict": model.state_dict(),
-                  CHECKPOINT_KEY: {"config": {"model": {"_target_": "latentzoo.models.KLAutoencoder",
-                                                        "net": net_cfg}}}}
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        CHECKPOINT_KEY: {
+            "config": {"model": {"_target_": "latentzoo.models.KLAutoencoder", "net": net_cfg}}
+        },
+    }
     torch.save(checkpoint, tmp_path / "kl.ckpt")
     stage = KLFirstStage(ckpt_path=str(tmp_path / "kl.ckpt"), scale_factor=0.5)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -280,8 +304,16 @@ def test_kl_first_stage_loads_a_kl_autoencoder_checkpoint(tmp_path: Path) -> Non
 # ------------------------------------------------------------------ configs
 @pytest.mark.parametrize("backbone", ["dit_tiny", "unet_tiny"])
 def test_latent_fm_config_composes_and_builds(tmp_path: Path, backbone: str) -> None:
-    cfg = compose_config("train", ["model=latent_fm", f"model/backbone={backbone}",
-                                   "model/autoencoder=identity", "data=proc_dsprites"], tmp_path)
+    cfg = compose_config(
+        "train",
+        [
+            "model=latent_fm",
+            f"model/backbone={backbone}",
+            "model/autoencoder=identity",
+            "data=proc_dsprites",
+        ],
+        tmp_path,
+    )
     model = hydra.utils.instantiate(cfg.model)
     assert model.latent_shape == [1, 64, 64] and model.num_classes == 0
     assert model.sampler["name"] == "dopri5" and model.ema.decay == 0.9999
@@ -291,8 +323,66 @@ def test_latent_fm_config_composes_and_builds(tmp_path: Path, backbone: str) -> 
 
 def test_big_backbone_configs_resolve(tmp_path: Path) -> None:
     for name, depth in [("dit_b2", 12), ("dit_xl2", 28), ("dit_s8", 12)]:
-        cfg = compose_config("train", ["model=latent_fm", f"model/backbone={name}",
-                                       "model/autoencoder=identity", "data=proc_dsprites"], tmp_path)
+        cfg = compose_config(
+            "train",
+            [
+                "model=latent_fm",
+                f"model/backbone={name}",
+                "model/autoencoder=identity",
+                "data=proc_dsprites",
+            ],
+            tmp_path,
+        )
         with torch.device("meta"):
             net = hydra.utils.instantiate(cfg.model.backbone)(in_channels=4, input_size=32)
         assert len(net.blocks) == depth
+
+
+def test_train_then_eval_restores_ema_from_the_checkpoint(tmp_path: Path) -> None:
+    from latentzoo.eval import evaluate
+    from latentzoo.train import train
+    from tests.conftest import TINY
+
+    model_overrides = [
+        "model=latent_fm",
+        "model/backbone=dit_tiny",
+        "model.backbone.patch_size=8",
+        "model/autoencoder=identity",
+        "model.ema_decay=0.5",
+    ]
+    run = tmp_path / "run"
+    _, objects = train(compose_config("train", [*TINY, *model_overrides], run))
+    trained = objects["model"]
+    assert objects["trainer"].global_step == 4 and trained.ema.num_updates == 4
+    ckpt = run / "checkpoints" / "last.ckpt"
+    cfg = compose_config(
+        "eval",
+        [
+            f"ckpt_path={ckpt}",
+            "trainer.enable_progress_bar=false",
+            "callbacks=none",
+            "extras.print_config=false",
+        ],
+        tmp_path / "ev",
+    )
+    metrics, objects = evaluate(cfg)
+    model = objects["model"]
+    saved = torch.load(ckpt, weights_only=False)["ema"]["shadow"]
+    for name, value in saved.items():
+        assert torch.equal(model.ema.shadow[name].cpu(), value), name
+    images = model.sample(4, sampler="euler", steps=2)
+    assert images.shape == (4, 1, 64, 64) and images.min() >= 0 and images.max() <= 1
+    assert model.last_nfe == 2 and "test/loss" in metrics
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[2] / "configs/data/proc_blobs.yaml").is_file(),
+    reason="data=proc_blobs comes from the image-datamodule branch",
+)
+def test_proc_blobs_experiment_composes_and_samples(tmp_path: Path) -> None:
+    cfg = compose_config(
+        "train", ["experiment=latent_fm_proc_blobs", "data.image_size=16"], tmp_path
+    )
+    model = hydra.utils.instantiate(cfg.model)
+    images = model.sample(4)
+    assert images.shape == (4, 3, 16, 16) and model.last_nfe == 20

@@ -132,7 +132,8 @@ class LatentsDataModule(L.LightningDataModule):
         if not same_weights or any(cached[k] != ours[k] for k in keys):
             raise LatentzooError(
                 f"the latent cache at '{self.path}' was encoded by {cached['name']} "
-                f"(scale {cached['scale_factor']}, fingerprint {cached['fingerprint']:.6g}) but the "
+                f"(scale {cached['scale_factor']}, fingerprint {cached['fingerprint']:.6g}) but "
+                "the "
                 f"model's autoencoder is {ours['name']} (scale {ours['scale_factor']}, "
                 f"fingerprint {ours['fingerprint']:.6g}); re-encode with cache_latents or pick the "
                 "matching model/autoencoder"

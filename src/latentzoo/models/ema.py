@@ -40,7 +40,11 @@ class EMA:
         if shadow and shadow[0].device != current[names[0]].device:
             self.to(current[names[0]].device)
             shadow = [self.shadow[n] for n in names]
-        torch._foreach_lerp_(shadow, [current[n].detach().to(s.dtype) for n, s in zip(names, shadow, strict=True)], 1.0 - self.decay)
+        torch._foreach_lerp_(
+            shadow,
+            [current[n].detach().to(s.dtype) for n, s in zip(names, shadow, strict=True)],
+            1.0 - self.decay,
+        )
         self.num_updates += 1
 
     def to(self, device: torch.device | str) -> EMA:

@@ -4,7 +4,8 @@ Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", 
 App. G): a conv autoencoder with a diagonal Gaussian posterior and a very small KL weight, so
 latents stay close to N(0, I) in scale while reconstructions stay sharp:
 
-    loss = Σ_pixels |x − x̂| + perceptual_weight · LPIPS(x, x̂) · #pixels + kl_weight · KL(q(z|x) || N(0, I))
+    loss = Σ_pixels |x − x̂| + perceptual_weight · LPIPS(x, x̂) · #pixels
+           + kl_weight · KL(q(z|x) || N(0, I))
 
 averaged over the batch (images mapped to [-1, 1]). LPIPS is optional (``perceptual_weight > 0``
 needs the ``lpips`` package and its weights); the adversarial term of LDM is not included.
@@ -61,7 +62,10 @@ class KLAutoencoder(LatentModel):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if self.lpips is not None:
-            state_dict = {**state_dict, **{f"lpips.{k}": v for k, v in self.lpips.state_dict().items()}}
+            state_dict = {
+                **state_dict,
+                **{f"lpips.{k}": v for k, v in self.lpips.state_dict().items()},
+            }
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.no_grad()

@@ -1,4 +1,6 @@
-"""Latent Flow Matching (Dao, Phung, Nguyen, Tran, "Flow Matching in Latent Space", arXiv 2307.08698).
+"""Latent Flow Matching (Dao, Phung, Nguyen, Tran, "Flow Matching in Latent Space", 2023).
+
+arXiv 2307.08698; reference code VinAIResearch/LFM.
 
 A frozen first stage E/D maps images in [-1, 1] to latents; a velocity net v_θ(x, t, y) (DiT or
 ADM UNet) is trained by conditional flow matching on the straight path between noise and the
@@ -56,6 +58,10 @@ def warmup_cosine_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class _LatentBatch(tuple):
+    """(scaled latents, labels) from the latent cache, told apart from (images, labels)."""
+
+
 class LatentFlowMatching(LatentModel):
     """Conditional flow matching on the latents of a frozen autoencoder.
 
@@ -106,7 +112,9 @@ class LatentFlowMatching(LatentModel):
         if t_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got '{t_sampling}'")
         if time_convention not in ("latentzoo", "lfm"):
-            raise ValueError(f"time_convention must be 'latentzoo' or 'lfm', got '{time_convention}'")
+            raise ValueError(
+                f"time_convention must be 'latentzoo' or 'lfm', got '{time_convention}'"
+            )
         self.first_stage = autoencoder.freeze()
         self.image_shape = list(image_shape)
         self.latent_shape = self.first_stage.latent_shape(self.image_shape)
@@ -123,7 +131,13 @@ class LatentFlowMatching(LatentModel):
         self.posterior, self.t_sampling = posterior, t_sampling
         self.time_convention = time_convention
         self.path = StraightPath(sigma_min)
-        self.sampler = {"name": "dopri5", "steps": None, "rtol": 1e-5, "atol": 1e-5, **(sampler or {})}
+        self.sampler = {
+            "name": "dopri5",
+            "steps": None,
+            "rtol": 1e-5,
+            "atol": 1e-5,
+            **(sampler or {}),
+        }
         if isinstance(backbone, nn.Module):
             self.net = backbone
         else:  # a Hydra partial: the shapes come from the first stage and the data
@@ -186,9 +200,16 @@ class LatentFlowMatching(LatentModel):
             return torch.sigmoid(torch.randn(n, device=self.device))
         return torch.rand(n, device=self.device)
 
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        if isinstance(batch, dict):  # the base class sizes batches from tuples
+            batch = _LatentBatch((batch["latent"], batch.get("label")))
+        return super()._shared_step(batch, stage)
+
     def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
         if isinstance(batch, dict):
-            z, y = batch["latent"].float(), batch.get("label")
+            batch = _LatentBatch((batch["latent"], batch.get("label")))
+        if isinstance(batch, _LatentBatch):
+            z, y = batch[0].float(), batch[1]
         else:
             images, y = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
             z = self.encode_images(images)
@@ -289,7 +310,11 @@ class LatentFlowMatching(LatentModel):
                     f"cfg_scale={scale}: the null label was never trained (label_dropout 0); "
                     "use cfg_scale=1 or set model.allow_untrained_guidance=true"
                 )
-        x0 = noise.to(self.device) if noise is not None else torch.randn(n, *self.latent_shape, device=self.device)
+        x0 = (
+            noise.to(self.device)
+            if noise is not None
+            else torch.randn(n, *self.latent_shape, device=self.device)
+        )
         was_training = self.net.training
         self.net.eval()
         try:
@@ -309,6 +334,10 @@ class LatentFlowMatching(LatentModel):
     def _solve(self, x0, y, scale, name, steps) -> tuple[torch.Tensor, int]:
         field = guided_field(self.velocity, y, self.null_label, scale)
         return solve(
-            field, x0, method=name, steps=steps,
-            rtol=self.sampler.get("rtol", 1e-5), atol=self.sampler.get("atol", 1e-5),
+            field,
+            x0,
+            method=name,
+            steps=steps,
+            rtol=self.sampler.get("rtol", 1e-5),
+            atol=self.sampler.get("atol", 1e-5),
         )

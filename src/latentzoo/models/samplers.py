@@ -69,7 +69,9 @@ def guided_field(
     if y is None or cfg_scale == 1.0:
         return lambda x, t: net(x, t, y)
     if null_label is None:
-        raise ValueError("classifier-free guidance needs a null label (train with label_dropout > 0)")
+        raise ValueError(
+            "classifier-free guidance needs a null label (train with label_dropout > 0)"
+        )
     y_null = torch.full_like(y, null_label)
     labels = torch.cat([y, y_null])
 
@@ -126,7 +128,9 @@ def solve(
     try:
         from torchdiffeq import odeint
     except ImportError as error:  # core dependency, but keep the message clear
-        raise ImportError(f"sampler '{method}' needs torchdiffeq: pip install torchdiffeq") from error
+        raise ImportError(
+            f"sampler '{method}' needs torchdiffeq: pip install torchdiffeq"
+        ) from error
     options = None
     if method not in ADAPTIVE_SOLVERS:
         if not steps:

@@ -48,8 +48,13 @@ class FirstStage(nn.Module):
     @torch.no_grad()
     def fingerprint(self) -> float:
         """A number that changes with the weights: sum of |θ| in float64 (0 if parameter-free)."""
-        return float(sum(p.detach().double().abs().sum() for p in self.state_dict().values()
-                         if p.is_floating_point()))
+        return float(
+            sum(
+                p.detach().double().abs().sum()
+                for p in self.state_dict().values()
+                if p.is_floating_point()
+            )
+        )
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -28,8 +28,12 @@ class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            _norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
-            _norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1),
+            _norm(cin),
+            nn.SiLU(),
+            nn.Conv2d(cin, cout, 3, padding=1),
+            _norm(cout),
+            nn.SiLU(),
+            nn.Conv2d(cout, cout, 3, padding=1),
         )
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
@@ -135,7 +139,9 @@ def load_kl_net(ckpt_path: str) -> KLAutoencoderNet:
     checkpoint = load_checkpoint(ckpt_path)
     cfg = checkpoint_config(checkpoint, ckpt_path)
     if not str(cfg.model.get("_target_", "")).endswith("KLAutoencoder"):
-        raise CheckpointError(f"'{ckpt_path}' holds {cfg.model.get('_target_')}, not a KLAutoencoder")
+        raise CheckpointError(
+            f"'{ckpt_path}' holds {cfg.model.get('_target_')}, not a KLAutoencoder"
+        )
     net = hydra.utils.instantiate(cfg.model.net)
     state = {k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)

@@ -1,4 +1,4 @@
-"""DiT: Diffusion Transformer (Peebles & Xie, "Scalable Diffusion Models with Transformers", ICCV 2023).
+"""DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers", ICCV 2023).
 
 The backbone of Latent Flow Matching (Dao et al. 2023) for its DiT runs. Patchify the latent
 (conv, kernel = stride = p), add fixed 2-D sin-cos position embeddings, run transformer blocks
@@ -159,7 +159,9 @@ class DiT(nn.Module):
         if num_classes > 0:
             rows = num_classes + int(class_dropout > 0)
             self.y_embedder = nn.Embedding(rows, hidden_size)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
@@ -181,7 +183,9 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) int labels (index num_classes = null)."""
         _, _, H, W = x.shape
         p = self.patch_size
@@ -201,6 +205,4 @@ class DiT(nn.Module):
             else:
                 tokens = block(tokens, c)
         out = self.final_layer(tokens, c)
-        return rearrange(
-            out, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, w=W // p, p=p, q=p
-        )
+        return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, w=W // p, p=p, q=p)

@@ -182,7 +182,9 @@ class ADMUNet(nn.Module):
             _norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) int labels (index num_classes = null)."""
         emb = self.time_embed(timestep_embedding(t * self.time_scale, self.model_channels))
         if self.label_emb is not None:
