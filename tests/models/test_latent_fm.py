@@ -386,3 +386,77 @@ def test_proc_blobs_experiment_composes_and_samples(tmp_path: Path) -> None:
     model = hydra.utils.instantiate(cfg.model)
     images = model.sample(4)
     assert images.shape == (4, 3, 16, 16) and model.last_nfe == 20
+
+
+TINY_VAE = {  # a random diffusers AutoencoderKL: widths [32, 64], 1 layer, 8 groups (f2)
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "latent_channels": 4,
+}
+
+
+def test_diffusers_vae_wrapper_local_folder_and_offline_message(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    from latentzoo.models.autoencoders import DiffusersVAE
+
+    vae = DiffusersVAE(config=TINY_VAE)
+    assert (vae.latent_channels, vae.downsample, vae.scale_factor) == (4, 2, 0.18215)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean, std = vae.encode(x)
+    assert mean.shape == std.shape == (2, 4, 8, 8) and (std > 0).all()
+    vae.vae.save_pretrained(tmp_path / "vae")
+    loaded = DiffusersVAE(pretrained=str(tmp_path / "vae"))
+    assert torch.allclose(loaded.encode(x)[0], mean) and loaded.fingerprint() == vae.fingerprint()
+    with pytest.raises(LatentzooError, match="local folder with config.json"):
+        DiffusersVAE(pretrained=str(tmp_path / "missing"), local_files_only=True)
+
+
+@pytest.mark.slow
+def test_cpu_smoke_dit_s8_on_a_tiny_vae() -> None:
+    """Spec §13: DiT-S/8 on 64-px images with the tiny VAE, 20 steps, then sample(4)."""
+    pytest.importorskip("diffusers")
+    from latentzoo.models.autoencoders import DiffusersVAE
+
+    torch.manual_seed(0)
+    model = LatentFlowMatching(
+        functools.partial(DiT, size="S", patch_size=8),
+        DiffusersVAE(config=TINY_VAE),
+        [3, 64, 64],
+        sampler={"name": "euler", "steps": 4},
+    )
+    opt = torch.optim.AdamW(model.net.parameters(), lr=1e-4)
+    images = torch.rand(4, 3, 64, 64)
+    for _ in range(20):
+        loss = model.step((images, torch.zeros(4, dtype=torch.long)), "train")["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.ema.update(model.net)
+    assert torch.isfinite(loss)
+    samples = model.sample(4)
+    assert samples.shape == (4, 3, 64, 64) and samples.min() >= 0 and samples.max() <= 1
+
+
+def test_kl_autoencoder_trains_through_the_train_task_and_loads_frozen(tmp_path: Path) -> None:
+    from latentzoo.train import train
+    from tests.conftest import TINY
+
+    overrides = [
+        *TINY,
+        "model=kl_autoencoder",
+        "model.net.ch=8",
+        "~callbacks.latent_traversal_grid",
+    ]
+    _, objects = train(compose_config("train", overrides, tmp_path))
+    assert objects["trainer"].global_step == 4
+    assert list((tmp_path / "images").glob("reconstructions_step*.png"))
+    stage = KLFirstStage(ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"), name="kl_f4")
+    assert (stage.latent_channels, stage.downsample) == (3, 4)
+    x = torch.rand(2, 1, 64, 64)
+    trained = objects["model"].cpu()
+    assert torch.allclose(stage.encode(x * 2 - 1)[0], trained.encode(x), atol=1e-6)
