@@ -9,6 +9,15 @@ from latentzoo.models.nets.dit import DiT, timestep_embedding
 from latentzoo.models.nets.unet_adm import ADMUNet
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny nets run faster on one thread than oversubscribed on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     "channels,size,patch,classes", [(4, 32, 2, 0), (4, 16, 4, 10), (3, 32, 8, 5), (1, 8, 2, 0)]
 )
@@ -86,3 +95,21 @@ def test_unet_shapes_and_zero_init(mult, attn, classes, scale_shift) -> None:
 def test_unet_rejects_attention_at_a_missing_resolution() -> None:
     with pytest.raises(ValueError, match="attention_resolutions"):
         ADMUNet(4, 32, model_channels=32, channel_mult=[1, 2], attention_resolutions=[8])
+
+
+def test_dit_grad_checkpointing_matches_plain_forward_and_grads() -> None:
+    torch.manual_seed(0)
+    net = DiT(4, 8, 3, 0.1, size=None, depth=2, hidden_size=32, num_heads=2)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3])
+    out = net(x, t, y)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net.grad_checkpointing = True
+    out_ckpt = net(x, t, y)
+    out_ckpt.square().sum().backward()
+    assert torch.allclose(out, out_ckpt, atol=1e-6)
+    for g, p in zip(grads, net.parameters(), strict=True):
+        assert torch.allclose(g, p.grad, atol=1e-5)
