@@ -201,6 +201,21 @@ def test_ema_survives_a_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ training
+def test_warmup_cosine_schedule() -> None:
+    from latentzoo.models.latent_fm import warmup_cosine_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine_schedule(opt, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)  # half-way down the cosine
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
 def test_a_few_steps_lower_the_fm_loss_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     model = tiny_model(ema_decay=None)
@@ -319,6 +334,10 @@ def test_latent_fm_config_composes_and_builds(tmp_path: Path, backbone: str) -> 
     assert model.sampler["name"] == "dopri5" and model.ema.decay == 0.9999
     opt = model.configure_optimizers()
     assert isinstance(opt["optimizer"], torch.optim.AdamW)
+    n_opt = sum(p.numel() for g in opt["optimizer"].param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in model.net.parameters())
+    sched = opt["lr_scheduler"]["scheduler"]
+    assert sched.get_last_lr()[0] == pytest.approx(2e-4)  # constant by default (LFM)
 
 
 def test_big_backbone_configs_resolve(tmp_path: Path) -> None:
