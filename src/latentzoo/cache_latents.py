@@ -176,6 +176,8 @@ def cache_latents(
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    if OmegaConf.is_missing(cfg, "out"):
+        raise LatentzooError("cache_latents needs an output folder: out=<folder>")
     datamodule = hydra.utils.instantiate(cfg.data)
     autoencoder: FirstStage = hydra.utils.instantiate(cfg.model.autoencoder)
     flip = getattr(datamodule, "random_flip", None) or getattr(datamodule, "hflip", None)
