@@ -113,3 +113,21 @@ def test_dit_grad_checkpointing_matches_plain_forward_and_grads() -> None:
     assert torch.allclose(out, out_ckpt, atol=1e-6)
     for g, p in zip(grads, net.parameters(), strict=True):
         assert torch.allclose(g, p.grad, atol=1e-5)
+
+
+def test_reference_dit_keys_convert_and_load_strictly() -> None:
+    from latentzoo.models.nets.dit import convert_reference_dit_state_dict
+
+    net = DiT(4, 8, 3, 0.1, size=None, depth=2, hidden_size=32, num_heads=2)
+    ours = net.state_dict()
+    reference = {}  # the names facebookresearch/DiT (and LFM, under DDP) would save
+    for key, value in ours.items():
+        key = key.replace("x_embedder.", "x_embedder.proj.")
+        key = key.replace("y_embedder.", "y_embedder.embedding_table.")
+        key = key.replace(".mlp.0.", ".mlp.fc1.").replace(".mlp.2.", ".mlp.fc2.")
+        reference[f"module.{key}"] = value + 1
+    reference["module.pos_embed"] = torch.zeros(1, 16, 32)
+    fresh = DiT(4, 8, 3, 0.1, size=None, depth=2, hidden_size=32, num_heads=2)
+    fresh.load_state_dict(convert_reference_dit_state_dict(reference), strict=True)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, ours[key] + 1), key

@@ -206,3 +206,34 @@ class DiT(nn.Module):
                 tokens = block(tokens, c)
         out = self.final_layer(tokens, c)
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, w=W // p, p=p, q=p)
+
+
+# facebookresearch/DiT (and LFM's copy of it) parameter names -> this module's
+_REFERENCE_RENAMES = [
+    ("x_embedder.proj.", "x_embedder."),
+    ("y_embedder.embedding_table.", "y_embedder."),
+    (".mlp.fc1.", ".mlp.0."),
+    (".mlp.fc2.", ".mlp.2."),
+]
+
+
+def convert_reference_dit_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a facebookresearch/DiT-style state dict (as in LFM checkpoints) for :class:`DiT`.
+
+    A DDP ``module.`` prefix is removed only when every key has it (LFM strips 7 characters
+    blindly). The fixed ``pos_embed`` is dropped (recomputed here). Load the result with
+    ``strict=True`` so any other mismatch fails loudly; use ``time_convention: lfm`` for LFM nets.
+    """
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module.") :]: value for key, value in state.items()}
+    out = {}
+    for key, value in state.items():
+        if key == "pos_embed":
+            continue
+        for old, new in _REFERENCE_RENAMES:
+            if old.startswith("."):  # inside block names
+                key = key.replace(old, new)
+            elif key.startswith(old):  # top-level module names
+                key = new + key[len(old) :]
+        out[key] = value
+    return out
