@@ -1,0 +1,354 @@
+"""Latent Flow Matching (Dao, Phung, Nguyen, Tran, "Flow Matching in Latent Space", 2023).
+
+arXiv 2307.08698; reference code VinAIResearch/LFM.
+
+A frozen first stage E/D maps images in [-1, 1] to latents; a velocity net v_θ(x, t, y) (DiT or
+ADM UNet) is trained by conditional flow matching on the straight path between noise and the
+scaled latent z = scale_factor · (μ + σ·ε') (a posterior *sample*, as LFM does):
+
+    t ~ U(0, 1),  ε ~ N(0, I),  x_t = (1 − (1 − σ_min)·t)·ε + t·z,  u_t = z − (1 − σ_min)·ε
+    loss = mean over all elements of (v_θ(x_t, t, y) − u_t)²
+
+**Time convention: t = 0 is noise, t = 1 is data** (latentzoo/Lipman et al.; LFM's code uses the
+reverse, see ``samplers.convert_lfm``; ``time_convention: lfm`` trains/samples a net in LFM's
+convention). Sampling integrates the ODE from t = 0 to 1 with the EMA weights (``samplers.solve``)
+and decodes. Classifier-free guidance: labels are replaced by the null label (index
+``num_classes``) with probability ``label_dropout``; v = v_u + s·(v_c − v_u) at sampling.
+
+Batches are ``(images in [0, 1], labels)`` (encoded on the fly) or ``{"latent", "label"}`` dicts
+from the latent cache (``data=latents``; already scaled). Capability: ``sample(n)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentzoo.models.autoencoders.base import FirstStage
+from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory
+from latentzoo.models.ema import EMA
+from latentzoo.models.samplers import StraightPath, guided_field, solve
+from latentzoo.utils.errors import CheckpointError, LatentzooError
+
+log = logging.getLogger(__name__)
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    min_lr_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio``·lr at
+    ``total_steps`` (``None`` or ≤ 0: constant after warmup, LFM's setting for most runs)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if not total_steps or total_steps <= 0:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _LatentBatch(tuple):
+    """(scaled latents, labels) from the latent cache, told apart from (images, labels)."""
+
+
+class LatentFlowMatching(LatentModel):
+    """Conditional flow matching on the latents of a frozen autoencoder.
+
+    Args:
+        backbone: velocity net, or a partial called with ``in_channels``, ``input_size``,
+            ``num_classes`` and ``class_dropout`` (derived here from the first stage and data).
+        autoencoder: frozen first stage (``models/autoencoders``).
+        image_shape: [C, H, W] of the data images.
+        num_classes: label count; 0/None = unconditional.
+        label_dropout: probability of replacing a label by the null label (CFG training).
+        cfg_scale: default guidance scale s for ``sample``.
+        null_class: build the null label row (default: ``label_dropout > 0``).
+        allow_untrained_guidance: permit s ≠ 1 although the null label was never trained.
+        sigma_min: noise floor of the path at the data end.
+        posterior: "sample" (LFM) or "mean" of the first-stage posterior.
+        t_sampling: "uniform" (LFM) or "logit_normal".
+        time_convention: "latentzoo" (t = 0 noise) or "lfm" (t = 0 data; for LFM checkpoints).
+        ema_decay: EMA decay (None = no EMA; sampling then uses the raw weights).
+        sampler: default solver settings: {name, steps, rtol, atol}.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | Callable[..., nn.Module],
+        autoencoder: FirstStage,
+        image_shape: list[int] | tuple[int, ...],
+        num_classes: int | None = 0,
+        label_dropout: float = 0.0,
+        cfg_scale: float = 1.0,
+        null_class: bool | None = None,
+        allow_untrained_guidance: bool = False,
+        sigma_min: float = 1e-5,
+        posterior: str = "sample",
+        t_sampling: str = "uniform",
+        time_convention: str = "latentzoo",
+        ema_decay: float | None = 0.9999,
+        sampler: dict[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "step",
+    ) -> None:
+        super().__init__(optimizer, scheduler, scheduler_interval)
+        self.save_hyperparameters(
+            logger=False, ignore=["backbone", "autoencoder", "optimizer", "scheduler"]
+        )
+        if posterior not in ("sample", "mean"):
+            raise ValueError(f"posterior must be 'sample' or 'mean', got '{posterior}'")
+        if t_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got '{t_sampling}'")
+        if time_convention not in ("latentzoo", "lfm"):
+            raise ValueError(
+                f"time_convention must be 'latentzoo' or 'lfm', got '{time_convention}'"
+            )
+        self.first_stage = autoencoder.freeze()
+        self.image_shape = list(image_shape)
+        self.latent_shape = self.first_stage.latent_shape(self.image_shape)
+        self.num_classes = int(num_classes or 0)
+        self.label_dropout = float(label_dropout) if self.num_classes else 0.0
+        has_null = bool(self.num_classes) and (
+            self.label_dropout > 0 if null_class is None else null_class
+        )
+        self.null_label: int | None = self.num_classes if has_null else None
+        if self.label_dropout > 0 and not has_null:
+            raise ValueError("label_dropout > 0 needs the null class (null_class: true)")
+        self.cfg_scale = float(cfg_scale)
+        self.allow_untrained_guidance = allow_untrained_guidance
+        self.posterior, self.t_sampling = posterior, t_sampling
+        self.time_convention = time_convention
+        self.path = StraightPath(sigma_min)
+        self.sampler = {
+            "name": "dopri5",
+            "steps": None,
+            "rtol": 1e-5,
+            "atol": 1e-5,
+            **(sampler or {}),
+        }
+        if isinstance(backbone, nn.Module):
+            self.net = backbone
+        else:  # a Hydra partial: the shapes come from the first stage and the data
+            self.net = backbone(
+                in_channels=self.latent_shape[0],
+                input_size=self.latent_shape[1],
+                num_classes=self.num_classes,
+                class_dropout=1.0 if has_null else 0.0,
+            )
+        log.info(
+            f"LatentFlowMatching: {type(self.net).__name__} with "
+            f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M parameters on "
+            f"{self.latent_shape} latents of {self.first_stage.name}"
+        )
+        self.ema = EMA(self.net, ema_decay) if ema_decay is not None else None
+        self._ema_step = -1
+        self._checked_latent_std = False
+        self.last_nfe = 0
+        self.last_net_forwards = 0
+
+    # ------------------------------------------------------------------ first stage
+    def _fp32(self):
+        return torch.autocast(self.device.type, enabled=False)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> scaled latents (a posterior sample, or its mean)."""
+        with self._fp32():
+            mean, std = self.first_stage.encode(images.float() * 2 - 1)
+        z = mean if self.posterior == "mean" else mean + std * torch.randn_like(std)
+        return z * self.first_stage.scale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1]."""
+        with self._fp32():
+            x = self.first_stage.decode(z.float() / self.first_stage.scale_factor)
+        return ((x.clamp(-1, 1) + 1) / 2).float()
+
+    # ------------------------------------------------------------------ velocity and loss
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """v(x, t, y) in latentzoo's convention, whatever convention the net was trained in."""
+        if self.time_convention == "lfm":
+            return -self.net(x, 1 - t, y)
+        return self.net(x, t, y)
+
+    def _labels(self, y: torch.Tensor | None, batch: int, train: bool) -> torch.Tensor | None:
+        if not self.num_classes:
+            return None
+        if y is None:
+            raise LatentzooError("this model is class-conditional but the batch has no labels")
+        y = y.long().to(self.device)
+        if train and self.label_dropout > 0:
+            drop = torch.rand(batch, device=self.device) < self.label_dropout
+            y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        return y
+
+    def sample_t(self, n: int) -> torch.Tensor:
+        if self.t_sampling == "logit_normal":
+            return torch.sigmoid(torch.randn(n, device=self.device))
+        return torch.rand(n, device=self.device)
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        if isinstance(batch, dict):  # the base class sizes batches from tuples
+            batch = _LatentBatch((batch["latent"], batch.get("label")))
+        return super()._shared_step(batch, stage)
+
+    def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
+        if isinstance(batch, dict):
+            batch = _LatentBatch((batch["latent"], batch.get("label")))
+        if isinstance(batch, _LatentBatch):
+            z, y = batch[0].float(), batch[1]
+        else:
+            images, y = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
+            z = self.encode_images(images)
+        if stage == "train" and not self._checked_latent_std:
+            self._check_latent_std(z)
+        y = self._labels(y, z.shape[0], train=stage == "train")
+        t = self.sample_t(z.shape[0])
+        xt, ut = self.path.sample(z, torch.randn_like(z), t)
+        v = self.velocity(xt, t, y)
+        loss = (v.float() - ut).pow(2).mean()
+        return {"loss": loss}
+
+    def _check_latent_std(self, z: torch.Tensor) -> None:
+        self._checked_latent_std = True
+        std = float(z.float().std())
+        log.info(f"scaled latent std on the first batch: {std:.3f}")
+        if not 0.7 <= std <= 1.4 and self.first_stage.name != "identity":
+            log.warning(
+                f"scaled latent std is {std:.3f}, outside [0.7, 1.4]: the autoencoder's "
+                f"scale_factor ({self.first_stage.scale_factor}) may not fit this data"
+            )
+
+    def configure_optimizers(self) -> Any:
+        # only the velocity net trains; the frozen first stage stays out of the optimizer
+        optimizer = self.optimizer_factory(params=self.net.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }
+
+    # ------------------------------------------------------------------ EMA and checkpoints
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "check_autoencoder"):
+            datamodule.check_autoencoder(self.first_stage)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # once per optimizer step (gradient accumulation calls this every micro-batch)
+        if self.ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
+            self.ema.update(self.net)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["latent_fm"] = {
+            "num_classes": self.num_classes,
+            "null_label": self.null_label,
+            "label_dropout": self.label_dropout,
+            "time_convention": self.time_convention,
+            "latent_shape": self.latent_shape,
+            "first_stage": self.first_stage.name,
+        }
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("latent_fm", {})
+        for key in ("num_classes", "null_label", "latent_shape"):
+            if key in meta and meta[key] != getattr(self, key):
+                raise CheckpointError(
+                    f"checkpoint has {key}={meta[key]} but the model was built with "
+                    f"{getattr(self, key)}; rebuild from the checkpoint's config"
+                )
+        if meta:
+            self.label_dropout = meta.get("label_dropout", self.label_dropout)
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+        elif self.ema is not None:
+            log.warning("checkpoint has no EMA weights; the EMA restarts from the raw weights")
+            self.ema = EMA(self.net, self.ema.decay)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        noise: torch.Tensor | None = None,
+        return_latents: bool = False,
+    ) -> torch.Tensor:
+        """``n`` images in [0, 1] (B, C, H, W) on the model device, from the EMA weights.
+
+        Labels default to class-balanced ``arange(n) % num_classes``. Sets ``last_nfe`` (calls of
+        the guided field; a CFG pair is one doubled-batch forward, 1 NFE) and
+        ``last_net_forwards`` (per-sample net evaluations: 2·NFE with CFG).
+        """
+        name = sampler or self.sampler["name"]
+        steps = steps if steps is not None else self.sampler.get("steps")
+        scale = self.cfg_scale if cfg_scale is None else float(cfg_scale)
+        y = None
+        if self.num_classes:
+            y = labels if labels is not None else torch.arange(n) % self.num_classes
+            y = y.long().to(self.device)
+        if scale != 1.0 and y is not None:
+            if self.null_label is None:
+                raise LatentzooError(
+                    f"cfg_scale={scale} needs a null label, but this model has none "
+                    "(trained with label_dropout 0); use cfg_scale=1"
+                )
+            if self.label_dropout == 0 and not self.allow_untrained_guidance:
+                raise LatentzooError(
+                    f"cfg_scale={scale}: the null label was never trained (label_dropout 0); "
+                    "use cfg_scale=1 or set model.allow_untrained_guidance=true"
+                )
+        x0 = (
+            noise.to(self.device)
+            if noise is not None
+            else torch.randn(n, *self.latent_shape, device=self.device)
+        )
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            if self.ema is not None:
+                self.ema.to(self.device)
+                with self.ema.swapped(self.net), self._fp32():
+                    z, nfe = self._solve(x0, y, scale, name, steps)
+            else:
+                with self._fp32():
+                    z, nfe = self._solve(x0, y, scale, name, steps)
+        finally:
+            self.net.train(was_training)
+        guided = scale != 1.0 and y is not None
+        self.last_nfe, self.last_net_forwards = nfe, nfe * (2 if guided else 1)
+        return z if return_latents else self.decode_latents(z)
+
+    def _solve(self, x0, y, scale, name, steps) -> tuple[torch.Tensor, int]:
+        field = guided_field(self.velocity, y, self.null_label, scale)
+        return solve(
+            field,
+            x0,
+            method=name,
+            steps=steps,
+            rtol=self.sampler.get("rtol", 1e-5),
+            atol=self.sampler.get("atol", 1e-5),
+        )
