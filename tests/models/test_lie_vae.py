@@ -69,9 +69,9 @@ def test_hessian_penalty() -> None:
     torch.manual_seed(0)
     basis = torch.randn(4, 4, 4)
     set_basis(lie, basis)
-    expected = sum(
-        (basis[i] @ basis[j]).pow(2).sum() for i in range(4) for j in range(4) if i != j
-    ) / 4**2
+    expected = (
+        sum((basis[i] @ basis[j]).pow(2).sum() for i in range(4) for j in range(4) if i != j) / 4**2
+    )
     torch.testing.assert_close(lie.hessian_penalty(), expected)
     assert expected > 0
     # a subgroup with a single latent has no pairs
@@ -107,7 +107,7 @@ def test_shapes_and_capabilities(channels: int) -> None:
     assert vae.decoder(vae.group(mean)).shape == (3, channels, 64, 64)
     torch.testing.assert_close(vae.encode(x), mean)
     images = vae.sample(2)
-    assert images.shape == (2, channels, 64, 64) and 0 <= images.min() and images.max() <= 1
+    assert images.shape == (2, channels, 64, 64) and images.min() >= 0 and images.max() <= 1
     assert vae.reconstruct(x).shape == x.shape
     # the Lie basis: 10 matrices of 10 x 10, initialised at scale 0.001
     assert vae.lie.bases[0].shape == (10, 10, 10)

@@ -200,8 +200,9 @@ class FactorVAE(BetaVAE):
         scheduler = self.lr_schedulers()
         if scheduler is not None and self.scheduler_interval == "step":
             scheduler.step()
+        others = {k: v for k, v in {**terms, **d_terms}.items() if k != "loss"}
         self.log_dict(
-            {f"train/{k}": v.detach() for k, v in {**terms, **d_terms}.items()},
+            {f"train/{k}": v.detach() for k, v in others.items()},
             on_step=True,
             on_epoch=False,
             batch_size=len(x_vae),
