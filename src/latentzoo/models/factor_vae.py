@@ -26,6 +26,7 @@ discriminator step does not advance it), so ``trainer.max_steps`` means VAE step
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -85,15 +86,17 @@ class FactorVAE(BetaVAE):
         discriminator_optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
-        super().__init__(
-            encoder=encoder,
-            decoder=decoder,
-            latent_dim=latent_dim,
-            beta=beta,
-            likelihood=likelihood,
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
+        with warnings.catch_warnings():  # BetaVAE's hparams call sees the discriminator too;
+            warnings.filterwarnings("ignore", "Attribute 'discriminator'")  # ignored below
+            super().__init__(
+                encoder=encoder,
+                decoder=decoder,
+                latent_dim=latent_dim,
+                beta=beta,
+                likelihood=likelihood,
+                optimizer=optimizer,
+                scheduler=scheduler,
+            )
         if discriminator_batch not in ("same", "split"):
             raise ValueError(
                 f"discriminator_batch must be 'same' or 'split', got '{discriminator_batch}'"
