@@ -1,8 +1,17 @@
 from latentzoo.models.base import LatentModel
+from latentzoo.models.beta_tcvae import BetaTCVAE
 from latentzoo.models.beta_vae import BetaVAE
+from latentzoo.models.factor_vae import FactorVAE
+from latentzoo.models.kl_autoencoder import KLAutoencoder
+from latentzoo.models.latent_fm import LatentFlowMatching
+from latentzoo.models.lie_vae import LieVAE
 
-__all__ = ["BetaVAE", "LatentModel"]
-from latentzoo.models.kl_autoencoder import KLAutoencoder  # noqa: E402
-from latentzoo.models.latent_fm import LatentFlowMatching  # noqa: E402
-
-__all__ += ["KLAutoencoder", "LatentFlowMatching"]
+__all__ = [
+    "BetaTCVAE",
+    "BetaVAE",
+    "FactorVAE",
+    "KLAutoencoder",
+    "LatentFlowMatching",
+    "LatentModel",
+    "LieVAE",
+]
