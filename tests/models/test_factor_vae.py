@@ -72,6 +72,7 @@ def test_both_optimizers_step_under_lightning(tmp_path) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=3,
+        log_every_n_steps=1,  # terms are logged on logging steps only
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -35,7 +35,6 @@ from torch import nn
 
 from latentzoo.models.base import OptimizerFactory, SchedulerFactory
 from latentzoo.models.beta_vae import BetaVAE, gaussian_kl, reconstruction_loss
-from latentzoo.utils.errors import NonFiniteLossError
 
 
 class Discriminator(nn.Module):
@@ -184,11 +183,6 @@ class FactorVAE(BetaVAE):
 
         terms, z = self.vae_terms(x_vae)
         loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at global step {self.global_step}; training stopped. "
-                "Lower the learning rates or check the data."
-            )
         vae_opt.zero_grad()
         self.manual_backward(loss)
         vae_opt.step()
@@ -203,14 +197,7 @@ class FactorVAE(BetaVAE):
         scheduler = self.lr_schedulers()
         if scheduler is not None and self.scheduler_interval == "step":
             scheduler.step()
-        others = {k: v for k, v in {**terms, **d_terms}.items() if k != "loss"}
-        self.log_dict(
-            {f"train/{k}": v.detach() for k, v in others.items()},
-            on_step=True,
-            on_epoch=False,
-            batch_size=len(x_vae),
-        )
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, batch_size=len(x_vae))
+        self.log_terms({**terms, **d_terms}, "train", len(x_vae))
         return loss
 
     def on_train_epoch_end(self) -> None:

@@ -200,11 +200,6 @@ class LatentFlowMatching(LatentModel):
             return torch.sigmoid(torch.randn(n, device=self.device))
         return torch.rand(n, device=self.device)
 
-    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
-        if isinstance(batch, dict):  # the base class sizes batches from tuples
-            batch = _LatentBatch((batch["latent"], batch.get("label")))
-        return super()._shared_step(batch, stage)
-
     def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
         if isinstance(batch, dict):
             batch = _LatentBatch((batch["latent"], batch.get("label")))

@@ -151,5 +151,3 @@ class LieVAE(BetaVAE):
             hes = com = kl.new_zeros(())
         loss = recon + kl_term + self.hy_rec * grp + self.hy_hes * hes + self.hy_commute * com
         return {"loss": loss, "recon": recon, "kl": kl, "grp": grp, "hes": hes, "com": com}
-
-
