@@ -62,15 +62,20 @@ class FIDCallback(L.Callback):
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> GenerativeMetrics:
         if self.metrics is None:
             self.metrics = GenerativeMetrics(
-                extractor=self.extractor, weights_path=self.weights_path, kid=False,
+                extractor=self.extractor,
+                weights_path=self.weights_path,
+                kid=False,
                 device=pl_module.device,
-            )  # fmt: skip
+            )
             stats_dir = self.stats_dir or Path(trainer.default_root_dir, "fid_stats")
             stats = reference_stats(
-                self.metrics, trainer.datamodule, split=self.reference_split,
-                num_images=self.reference_num_images, batch_size=self.reference_batch_size,
+                self.metrics,
+                trainer.datamodule,
+                split=self.reference_split,
+                num_images=self.reference_num_images,
+                batch_size=self.reference_batch_size,
                 stats_dir=stats_dir,
-            )  # fmt: skip
+            )
             self.metrics.set_reference(stats)
         return self.metrics
 
@@ -83,9 +88,15 @@ class FIDCallback(L.Callback):
         metrics.reset_fake()
         num_classes = int(getattr(trainer.datamodule, "num_classes", 0) or 0)
         timing = generate_into(
-            pl_module, metrics, self.num_samples, self.batch_size, num_classes, self.labels,
-            self.sample_kwargs, self.seed,
-        )  # fmt: skip
+            pl_module,
+            metrics,
+            self.num_samples,
+            self.batch_size,
+            num_classes,
+            self.labels,
+            self.sample_kwargs,
+            self.seed,
+        )
         fid = metrics.compute()["fid"]  # identical on every rank after the reduction
         log.info(f"{self.key} at step {step}: {fid:.3f} ({self.num_samples} samples)")
         values = {self.key: fid}
@@ -106,8 +117,16 @@ class FIDCallback(L.Callback):
             metrics = self._prepare(trainer, pl_module)
             metrics.reset_fake()
             num_classes = int(getattr(trainer.datamodule, "num_classes", 0) or 0)
-            generate_into(pl_module, metrics, self.num_samples, self.batch_size, num_classes,
-                          self.labels, self.sample_kwargs, self.seed)  # fmt: skip
+            generate_into(
+                pl_module,
+                metrics,
+                self.num_samples,
+                self.batch_size,
+                num_classes,
+                self.labels,
+                self.sample_kwargs,
+                self.seed,
+            )
             fid = metrics.compute()["fid"]
             self._last_step = step
             if trainer.global_rank == 0:

@@ -10,6 +10,7 @@ reference statistics are computed from, and ``reference_info(split)`` describes 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,10 +142,8 @@ class ImageDataModule(L.LightningDataModule):
             "split": split,
             "image_shape": list(self.image_shape),
         }
-        try:
-            info["num_images"] = len(self._dataset(split))  # type: ignore[arg-type]
-        except TypeError:  # iterable datasets
-            pass
+        with contextlib.suppress(TypeError):  # iterable datasets have no length
+            info["split_size"] = len(self._dataset(split))  # type: ignore[arg-type]
         return info
 
 
@@ -237,9 +236,13 @@ class ImageFolderDataModule(ImageDataModule):
         if self.class_folders:
             expected += " with one sub-folder per class"
         return DatasetNotFoundError(
-            self.name, path, expected=expected, source=self.source, prepare=self.prepare,
+            self.name,
+            path,
+            expected=expected,
+            source=self.source,
+            prepare=self.prepare,
             reason=reason,
-        )  # fmt: skip
+        )
 
     def _files(self, path: Path) -> list[Path]:
         if not path.is_dir():
@@ -285,7 +288,9 @@ class ImageFolderDataModule(ImageDataModule):
                 names = [f.relative_to(roots[split]).parts[0] for f in files[split]]
                 unknown = sorted(set(names) - set(index))
                 if unknown:
-                    raise LatentzooError(f"{self.name}/{split}: classes not in train: {unknown[:5]}")
+                    raise LatentzooError(
+                        f"{self.name}/{split}: classes not in train: {unknown[:5]}"
+                    )
                 labels[split] = [index[n] for n in names]
             if self.num_classes and len(self.classes) != self.num_classes:
                 raise LatentzooError(
@@ -469,7 +474,9 @@ class _TorchvisionImages(Dataset):
         if image_size != self.data.shape[-1]:
             from torch.nn.functional import interpolate
 
-            resized = interpolate(self.data.float(), size=image_size, mode="bicubic", antialias=True)
+            resized = interpolate(
+                self.data.float(), size=image_size, mode="bicubic", antialias=True
+            )
             self.data = resized.round().clamp(0, 255).to(torch.uint8)
 
     def __len__(self) -> int:

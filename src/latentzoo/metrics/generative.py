@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import json
 import time
 import zipfile
@@ -95,10 +96,18 @@ def frechet_distance(
     ``eps`` ridge is added to both covariances; an imaginary part of the root's diagonal larger
     than 1e-3 is an error (numerical trouble), a smaller one is dropped.
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (
+        np.atleast_1d(np.asarray(mu1, np.float64)),
+        np.atleast_1d(np.asarray(mu2, np.float64)),
+    )
+    s1, s2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise ValueError(f"shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+        raise ValueError(
+            f"shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
+        )
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
@@ -228,7 +237,9 @@ def build_feature_extractor(
             raise _no_weights_error(f"weights_path {path} does not exist")
         if path.suffix == ".pth":
             if not has_fidelity:
-                raise _no_weights_error(f"{path} is a torch-fidelity file; torch-fidelity is missing")
+                raise _no_weights_error(
+                    f"{path} is a torch-fidelity file; torch-fidelity is missing"
+                )
             return TorchFidelityInception(str(path))
         return TorchScriptInception(path)
     if has_fidelity and Path(torch.hub.get_dir(), "checkpoints", TORCH_FIDELITY_WEIGHTS).is_file():
@@ -289,8 +300,14 @@ class ReferenceStats:
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = {} if self.features is None else {"features": self.features.astype(np.float32)}
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, count=self.count,
-                 meta=json.dumps(self.meta, sort_keys=True), **extra)  # fmt: skip
+        np.savez(
+            tmp,
+            mu=self.mu,
+            sigma=self.sigma,
+            count=self.count,
+            meta=json.dumps(self.meta, sort_keys=True),
+            **extra,
+        )
         tmp.replace(path)
 
     @classmethod
@@ -298,9 +315,14 @@ class ReferenceStats:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"])) if "meta" in data else {}
             count = int(data["count"]) if "count" in data else int(meta.get("num_images", 0))
-            features = data["features"] if "features" in data else None
-            return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), count,
-                       meta, features)  # fmt: skip
+            features = data.get("features")
+            return cls(
+                data["mu"].astype(np.float64),
+                data["sigma"].astype(np.float64),
+                count,
+                meta,
+                features,
+            )
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -340,7 +362,9 @@ class GenerativeMetrics:
         self.device = torch.device(device)
         self.extractor = build_feature_extractor(extractor, weights_path).to(self.device).eval()
         d = int(self.extractor.num_features)
-        self.extractor_id = str(getattr(self.extractor, "extractor_id", type(self.extractor).__name__))
+        self.extractor_id = str(
+            getattr(self.extractor, "extractor_id", type(self.extractor).__name__)
+        )
         self.fid = FrechetInceptionDistance(feature=_Features(d), reset_real_features=False)
         self.fid.to(self.device)
         self.kid = None
@@ -348,9 +372,11 @@ class GenerativeMetrics:
         self.kid_reference_size = kid_reference_size
         if kid:
             self.kid = KernelInceptionDistance(
-                feature=_Features(d), subsets=kid_subsets, subset_size=kid_subset_size,
+                feature=_Features(d),
+                subsets=kid_subsets,
+                subset_size=kid_subset_size,
                 reset_real_features=False,
-            ).to(self.device)  # fmt: skip
+            ).to(self.device)
         self._kid_real = 0
 
     @torch.no_grad()
@@ -443,10 +469,15 @@ def reference_stats(
     ``path`` names the file explicitly (a foreign file without metadata, e.g. ADM's reference
     batch with ``mu``/``sigma``, is used as it is, with a warning).
     """
-    info = dict(datamodule.reference_info(split)) if hasattr(datamodule, "reference_info") else {
-        "dataset": type(datamodule).__name__, "split": split,
-        "image_shape": list(getattr(datamodule, "image_shape", [])),
-    }  # fmt: skip
+    info = (
+        dict(datamodule.reference_info(split))
+        if hasattr(datamodule, "reference_info")
+        else {
+            "dataset": type(datamodule).__name__,
+            "split": split,
+            "image_shape": list(getattr(datamodule, "image_shape", [])),
+        }
+    )
     meta = {
         **info,
         "extractor": metrics.extractor_id,
@@ -473,14 +504,17 @@ def reference_stats(
         log.info(f"FID reference: {path} has other settings ({', '.join(changed)}); recomputing")
     rank, world = _dist_info()
     if hasattr(datamodule, "reference_dataloader"):
-        loader = datamodule.reference_dataloader(split, batch_size=batch_size, rank=rank,
-                                                 world_size=world)  # fmt: skip
+        loader = datamodule.reference_dataloader(
+            split, batch_size=batch_size, rank=rank, world_size=world
+        )
     else:
         if hasattr(datamodule, "setup"):
             datamodule.setup("fit")
         loader = getattr(datamodule, f"{split}_dataloader")()
-        log.warning(f"{type(datamodule).__name__} has no reference_dataloader; using its "
-                    f"{split}_dataloader (may be augmented or drop the last batch)")  # fmt: skip
+        log.warning(
+            f"{type(datamodule).__name__} has no reference_dataloader; using its "
+            f"{split}_dataloader (may be augmented or drop the last batch)"
+        )
     limit = None if num_images is None else -(-num_images // world)
     started, seen = time.perf_counter(), 0
     with _progress() as progress:
@@ -513,9 +547,14 @@ def _progress() -> Any:
     )
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), disable=_dist_info()[0] != 0, transient=False,
-    )  # fmt: skip
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=_dist_info()[0] != 0,
+        transient=False,
+    )
 
 
 # --------------------------------------------------------------------------- sampling + evaluator
@@ -591,9 +630,13 @@ class FIDEvaluator:
         self.sample_kwargs = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale}
         self.labels = labels
         self.metric_kwargs = dict(
-            extractor=extractor, weights_path=weights_path, kid=kid, kid_subsets=kid_subsets,
-            kid_subset_size=kid_subset_size, kid_reference_size=kid_reference_size,
-        )  # fmt: skip
+            extractor=extractor,
+            weights_path=weights_path,
+            kid=kid,
+            kid_subsets=kid_subsets,
+            kid_subset_size=kid_subset_size,
+            kid_reference_size=kid_reference_size,
+        )
         self.reference_split = reference_split
         self.reference_num_images = reference_num_images
         self.reference_batch_size = reference_batch_size
@@ -602,7 +645,9 @@ class FIDEvaluator:
         if save_samples is True:
             save_samples = "both"
         if save_samples not in (None, False, "png", "npz", "both"):
-            raise LatentzooError(f"save_samples must be png, npz, both or null, not {save_samples!r}")
+            raise LatentzooError(
+                f"save_samples must be png, npz, both or null, not {save_samples!r}"
+            )
         self.save_samples = save_samples or None
         self.output_dir = Path(output_dir) if output_dir else Path.cwd()
         self.seed = seed
@@ -611,18 +656,28 @@ class FIDEvaluator:
         device = next(model.parameters()).device
         metrics = GenerativeMetrics(device=device, **self.metric_kwargs)
         stats = reference_stats(
-            metrics, datamodule, split=self.reference_split,
-            num_images=self.reference_num_images, batch_size=self.reference_batch_size,
+            metrics,
+            datamodule,
+            split=self.reference_split,
+            num_images=self.reference_num_images,
+            batch_size=self.reference_batch_size,
             stats_dir=self.stats_dir or Path(self.output_dir, "fid_stats"),
             path=self.reference_path,
-        )  # fmt: skip
+        )
         metrics.set_reference(stats)
         metrics.reset_fake()
         num_classes = int(getattr(datamodule, "num_classes", 0) or 0)
         timing = generate_into(
-            model, metrics, self.num_samples, self.batch_size, num_classes, self.labels,
-            self.sample_kwargs, self.seed, self._writers(datamodule),
-        )  # fmt: skip
+            model,
+            metrics,
+            self.num_samples,
+            self.batch_size,
+            num_classes,
+            self.labels,
+            self.sample_kwargs,
+            self.seed,
+            self._writers(datamodule),
+        )
         values = {**metrics.compute(), **timing}
         tag = ", ".join(f"{k}={v}" for k, v in self.sample_kwargs.items() if v is not None)
         log.info(
@@ -644,7 +699,10 @@ class FIDEvaluator:
                 raise LatentzooError("save_samples=npz needs datamodule.image_shape [C, H, W]")
             self.output_dir.mkdir(parents=True, exist_ok=True)
             writers.append(
-                _NpzWriter(self.output_dir / "samples.npz", (self.num_samples, shape[1], shape[2], shape[0]))
+                _NpzWriter(
+                    self.output_dir / "samples.npz",
+                    (self.num_samples, shape[1], shape[2], shape[0]),
+                )
             )
         if self.save_samples in ("png", "both"):
             writers.append(_PngWriter(self.output_dir / "samples"))
@@ -669,6 +727,14 @@ class _PngWriter:
         pass
 
 
+def _sample_parameters(model: nn.Module) -> set[str] | None:
+    """Keyword names ``model.sample`` accepts (None: it takes ``**kwargs``)."""
+    parameters = inspect.signature(model.sample).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
+
+
 @torch.no_grad()
 def generate_into(
     model: nn.Module,
@@ -689,6 +755,20 @@ def generate_into(
     all_labels = sample_labels(num_samples, num_classes, labels, generator) if num_classes else None
     indices = range(rank, num_samples, world)
     kwargs = {k: v for k, v in (sample_kwargs or {}).items() if v is not None}
+    accepted = _sample_parameters(model)
+    if accepted is not None:
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise LatentzooError(
+                f"{type(model).__name__}.sample() takes no {', '.join(unknown)}; drop "
+                + " ".join(f"{k}=" for k in unknown)
+                + " for this checkpoint"
+            )
+        if all_labels is not None and "labels" not in accepted:
+            log.warning(
+                f"{type(model).__name__}.sample() takes no labels: sampling unconditionally"
+            )
+            all_labels = None
     writers = writers or []
     was_training = model.training
     model.eval()

@@ -112,7 +112,9 @@ class ImageFolder(Dataset):
 
 def class_labels(files: Sequence[Path], root: Path) -> tuple[list[int], list[str]]:
     """Labels from the first path component below ``root`` (ImageNet-style class folders)."""
-    names = [f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else "" for f in files]
+    names = [
+        f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else "" for f in files
+    ]
     classes = sorted(set(names))
     index = {name: i for i, name in enumerate(classes)}
     return [index[n] for n in names], classes
