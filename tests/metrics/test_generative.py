@@ -388,6 +388,7 @@ class TinyGenerator(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def sample(self, n: int, labels=None, sampler=None, steps=None, cfg_scale=None) -> torch.Tensor:
+        self.last_nfe = steps or 1
         return (torch.rand(n, 3, 16, 16, device=self.device) * 0.5 + 0.5 + self.bias).clamp(0, 1)
 
 
@@ -416,3 +417,82 @@ def test_fid_callback_logs_val_fid(tmp_path: Path) -> None:
     assert np.isfinite(fid) and fid > 0.01
     assert len(list(tmp_path.glob("*.npz"))) == 1  # reference computed once, reused
     assert callback._last_step == 4
+
+
+def test_eval_py_metrics_fid_end_to_end(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from latentzoo.eval import evaluate
+    from latentzoo.utils.checkpoint import CHECKPOINT_KEY
+
+    data = compose_config("train", ["data=proc_blobs", "data.image_size=16"], tmp_path).data
+    data = OmegaConf.to_container(data, resolve=True) | {"num_train": 64, "num_val": 8}
+    model_cfg = {"_target_": f"{__name__}.TinyGenerator"}
+    checkpoint = {
+        "state_dict": TinyGenerator().state_dict(),
+        "global_step": 3,
+        CHECKPOINT_KEY: {"config": {"model": model_cfg, "data": data}},
+    }
+    torch.save(checkpoint, tmp_path / "tiny.ckpt")
+    out = tmp_path / "eval"
+    overrides = [
+        f"ckpt_path={tmp_path / 'tiny.ckpt'}",
+        "metrics=fid",
+        "test_loop=false",
+        "num_samples=64",
+        "sampler=euler",
+        "steps=3",
+        "save_samples=npz",
+        "metrics.fid.extractor=tiny",
+        "metrics.fid.kid_subset_size=32",
+        "metrics.fid.kid_subsets=5",
+        f"paths.data_dir={tmp_path}",
+        "trainer.accelerator=cpu",
+        "extras.print_config=false",
+    ]
+    metrics, _ = evaluate(compose_config("eval", overrides, out))
+    assert metrics["fid/nfe"] == 3 and metrics["fid/fid"] > 0.01 and "fid/kid_mean" in metrics
+    report = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert report["fid/fid"] == pytest.approx(metrics["fid/fid"])
+    assert np.load(out / "samples.npz")["arr_0"].shape == (64, 16, 16, 3)
+    assert len(list((tmp_path / "fid_stats").glob("proc_blobs-train-16px-*.npz"))) == 1
+
+
+@pytest.mark.slow
+def test_fid_callback_under_ddp_reduces_reference_statistics(tmp_path: Path) -> None:
+    """Two CPU ranks (gloo): each adds a strided shard of the reference split; the summed
+    statistics equal a single-process pass, and val/fid is computed from all ranks' samples."""
+    dm = _blobs(num_train=64)
+    dm.batch_size = 8
+    callback = FIDCallback(
+        every_n_steps=2,
+        num_samples=32,
+        batch_size=8,
+        extractor="tiny",
+        stats_dir=str(tmp_path / "ddp"),
+        reference_batch_size=8,
+    )
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(TinyGenerator(), datamodule=dm)
+    (ddp_file,) = (tmp_path / "ddp").glob("*.npz")
+    ddp = ReferenceStats.load(ddp_file)
+    single = reference_stats(
+        GenerativeMetrics(extractor="tiny", kid=False),
+        _blobs(num_train=64),
+        stats_dir=tmp_path / "one",
+    )
+    assert ddp.count == single.count == 64
+    np.testing.assert_allclose(ddp.mu, single.mu, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ddp.sigma, single.sigma, rtol=1e-8, atol=1e-12)
+    assert np.isfinite(float(trainer.callback_metrics["val/fid"]))

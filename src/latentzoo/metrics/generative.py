@@ -536,7 +536,11 @@ def reference_stats(
     return stats
 
 
-def _progress() -> Any:
+@contextlib.contextmanager
+def _progress() -> Iterator[Any]:
+    """A rich progress bar on rank 0; silent when another live display (e.g. Lightning's
+    RichProgressBar during training) is already active, since rich allows only one."""
+    from rich.errors import LiveError
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -546,15 +550,22 @@ def _progress() -> Any:
         TimeRemainingColumn,
     )
 
-    return Progress(
+    columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        disable=_dist_info()[0] != 0,
-        transient=False,
     )
+    progress = Progress(*columns, disable=_dist_info()[0] != 0)
+    try:
+        progress.start()
+    except LiveError:
+        progress = Progress(*columns, disable=True)
+    try:
+        yield progress
+    finally:
+        progress.stop()
 
 
 # --------------------------------------------------------------------------- sampling + evaluator
