@@ -1,6 +1,7 @@
 from latentzoo.data.ground_truth import FactorSubset, GroundTruthDataModule
 
 __all__ = ["FactorSubset", "GroundTruthDataModule"]
+
 from latentzoo.data.images import (  # noqa: E402
     CIFAR10DataModule,
     ImageFolderDataModule,
