@@ -377,7 +377,11 @@ class GenerativeMetrics:
                 subset_size=kid_subset_size,
                 reset_real_features=False,
             ).to(self.device)
-        self._kid_real = 0
+        # KID keeps a uniform random sample (reservoir) of at most kid_reference_size reference
+        # features: the first K of an ordered split (ImageNet sorted by class) would be biased
+        self._kid_features: torch.Tensor | None = None
+        self._kid_seen = 0
+        self._kid_rng = torch.Generator().manual_seed(0)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -388,10 +392,22 @@ class GenerativeMetrics:
     def add_real(self, images: torch.Tensor) -> None:
         feats = self.features(images)
         self.fid.update(feats, real=True)
-        if self.kid is not None and self._kid_real < self.kid_reference_size:
-            take = feats[: self.kid_reference_size - self._kid_real].float()
-            self.kid.update(take, real=True)
-            self._kid_real += take.shape[0]
+        if self.kid is not None:
+            self._reservoir(feats.float())
+
+    def _reservoir(self, feats: torch.Tensor) -> None:
+        k, start = self.kid_reference_size, self._kid_seen
+        if self._kid_features is None:
+            self._kid_features = feats.new_empty((0, feats.shape[1]))
+        room = max(0, k - self._kid_features.shape[0])
+        self._kid_features = torch.cat([self._kid_features, feats[:room]])
+        rest = feats[room:]
+        if rest.shape[0]:  # item t (0-based) replaces a random slot with probability k / (t + 1)
+            t = torch.arange(start + room, start + feats.shape[0]) + 1
+            slots = (torch.rand(len(t), generator=self._kid_rng) * t).long()
+            keep = slots < k
+            self._kid_features[slots[keep].to(feats.device)] = rest[keep.to(feats.device)]
+        self._kid_seen += feats.shape[0]
 
     def add_fake(self, images: torch.Tensor) -> None:
         feats = self.features(images)
@@ -415,8 +431,8 @@ class GenerativeMetrics:
         mu = s / n
         sigma = (cov - n * torch.outer(mu, mu)) / (n - 1)
         features = None
-        if self.kid is not None and self.kid.real_features:
-            features = torch.cat(self.kid.real_features).float().cpu().numpy()
+        if self._kid_features is not None:
+            features = self._kid_features.cpu().numpy()
         return ReferenceStats(mu.cpu().numpy(), sigma.cpu().numpy(), n, meta, features)
 
     def set_reference(self, stats: ReferenceStats) -> None:
@@ -428,12 +444,11 @@ class GenerativeMetrics:
         self.fid.real_features_cov_sum = sigma * max(n - 1, 0) + n * torch.outer(mu, mu)
         self.fid.real_features_num_samples = torch.tensor(n, device=self.device)
         if self.kid is not None:
-            self.kid.real_features = []
-            self._kid_real = 0
+            self._kid_features, self._kid_seen = None, 0
             if stats.features is not None:
                 feats = torch.as_tensor(stats.features[: self.kid_reference_size])
-                self.kid.real_features.append(feats.float().to(self.device))
-                self._kid_real = feats.shape[0]
+                self._kid_features = feats.float().to(self.device)
+                self._kid_seen = feats.shape[0]
 
     def compute(self) -> dict[str, float]:
         out = {"fid": float(self.fid.compute())}
@@ -441,13 +456,14 @@ class GenerativeMetrics:
         if n_fake < 2048 and self.extractor_id.startswith("inception"):
             log.warning(f"FID from {n_fake} < 2048 samples: rank-deficient covariance, biased high")
         if self.kid is not None:
-            n_ref = self._kid_real
+            n_ref = 0 if self._kid_features is None else self._kid_features.shape[0]
             if min(n_fake, n_ref) < self.kid_subset_size:
                 raise LatentzooError(
                     f"KID subset_size {self.kid_subset_size} is larger than the generated "
                     f"({n_fake}) or reference ({n_ref}) set; lower metrics.fid.kid_subset_size or "
                     "set metrics.fid.kid=false"
                 )
+            self.kid.real_features = [self._kid_features]
             mean, std = self.kid.compute()
             out.update(kid_mean=float(mean), kid_std=float(std))
         return out
