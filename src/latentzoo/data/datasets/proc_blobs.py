@@ -48,7 +48,7 @@ def render_blobs(params: torch.Tensor, image_size: int, max_blobs: int) -> torch
     b = params.shape[0]
     p = params.float()
     centres = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size
-    yy, xx = torch.meshgrid(centres, centres, indexing="ij")  # [H, W]
+    yy, xx = centres[:, None], centres[None, :]  # [H, 1], [1, W]
     # background: linear gradient between two colours along a random direction
     direction = p[:, 2]
     ramp = (xx - 0.5) * torch.cos(direction)[:, None, None] + (yy - 0.5) * torch.sin(direction)[
@@ -59,13 +59,20 @@ def render_blobs(params: torch.Tensor, image_size: int, max_blobs: int) -> torch
     image = c0[:, :, None, None] + (c1 - c0)[:, :, None, None] * ramp[:, None]
     blobs = p[:, 9:].reshape(b, max_blobs, 8)
     colours = _hsv_to_rgb(blobs[..., 5] % 1.0, blobs[..., 6], torch.ones_like(blobs[..., 6]))
+    x = centres[None, None, :]  # coordinates are separable: dx is [B, 1, W], dy is [B, H, 1]
+    y = centres[None, :, None]
     for k in range(max_blobs):  # composite back to front
         cx, cy, sx, sy, rot = (blobs[:, k, i][:, None, None] for i in range(5))
-        dx, dy = xx - cx, yy - cy
-        u = dx * torch.cos(rot) + dy * torch.sin(rot)
-        v = -dx * torch.sin(rot) + dy * torch.cos(rot)
-        alpha = torch.exp(-0.5 * ((u / sx) ** 2 + (v / sy) ** 2)) * blobs[:, k, 7][:, None, None]
-        image = image * (1 - alpha[:, None]) + colours[:, k, :, None, None] * alpha[:, None]
+        cos, sin = torch.cos(rot), torch.sin(rot)
+        # rotated anisotropic Gaussian as a quadratic form a·dx² + 2b·dx·dy + c·dy²
+        qa = (cos / sx) ** 2 + (sin / sy) ** 2
+        qb = cos * sin * (1 / sx**2 - 1 / sy**2)
+        qc = (sin / sx) ** 2 + (cos / sy) ** 2
+        dx, dy = x - cx, y - cy
+        quad = (qa * dx * dx) + (2 * qb * dx) * dy + qc * dy * dy
+        alpha = torch.exp(-0.5 * quad) * blobs[:, k, 7][:, None, None]
+        alpha = alpha[:, None]
+        image = torch.lerp(image, colours[:, k, :, None, None], alpha)
     return image.clamp(0, 1)
 
 
