@@ -512,3 +512,18 @@ def test_kid_reference_sample_is_spread_over_the_whole_split() -> None:
     index = torch.cdist(kept, every).argmin(1)  # which image each kept feature came from
     assert kept.shape == (50, 16) and index.unique().numel() == 50
     assert (index >= 200).sum() >= 15 and (index < 200).sum() >= 15
+
+
+def test_foreign_reference_npz_with_only_mu_and_sigma_is_used_as_given(tmp_path: Path) -> None:
+    """E.g. ADM's reference batches: keys mu, sigma (no count, no metadata)."""
+    rng = np.random.default_rng(0)
+    mu, root = rng.normal(size=16), rng.normal(size=(16, 16)) * 0.3
+    np.savez(tmp_path / "adm_ref.npz", mu=mu.astype(np.float32), sigma=root @ root.T)
+    metrics = GenerativeMetrics(extractor="tiny", kid=False)
+    stats = reference_stats(metrics, _blobs(), path=tmp_path / "adm_ref.npz")
+    metrics.set_reference(stats)
+    fake = _images(64, seed=4)
+    metrics.add_fake(fake)
+    f_fake = TinyFeatureExtractor()(to_uint8(fake)).double().numpy()
+    expected = frechet_distance(mu.astype(np.float32), root @ root.T, *_gaussian_stats(f_fake))
+    assert metrics.compute()["fid"] == pytest.approx(expected, rel=1e-6)

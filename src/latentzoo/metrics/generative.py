@@ -314,7 +314,8 @@ class ReferenceStats:
     def load(cls, path: str | Path) -> ReferenceStats:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"])) if "meta" in data else {}
-            count = int(data["count"]) if "count" in data else int(meta.get("num_images", 0))
+            # a foreign file (e.g. ADM's reference batch) has no count: only mu and sigma matter
+            count = int(data["count"]) if "count" in data else int(meta.get("num_images", 50_000))
             features = data.get("features")
             return cls(
                 data["mu"].astype(np.float64),
@@ -534,7 +535,8 @@ def reference_stats(
     limit = None if num_images is None else -(-num_images // world)
     started, seen = time.perf_counter(), 0
     with _progress() as progress:
-        task = progress.add_task(f"FID reference {info.get('dataset')}/{split}", total=limit)
+        total = limit or (-(-info["split_size"] // world) if "split_size" in info else None)
+        task = progress.add_task(f"FID reference {info.get('dataset')}/{split}", total=total)
         for batch in loader:
             images = batch[0] if isinstance(batch, list | tuple) else batch
             if limit is not None:
