@@ -40,7 +40,7 @@ def test_proc_blobs_shapes_range_and_determinism(size: int) -> None:
     data = ProcBlobs(length=10, image_size=size, num_classes=3, seed=1)
     images, labels = data.get_batch([0, 3, 7])
     assert images.shape == (3, 3, size, size) and images.dtype == torch.float32
-    assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.05
+    assert images.min() >= 0.0 and images.max() <= 1.0 and images.std() > 0.05
     assert labels.dtype == torch.int64 and ((labels >= 0) & (labels < 3)).all()
     again = ProcBlobs(length=10, image_size=size, num_classes=3, seed=1)
     assert torch.equal(again[3][0], images[1])  # same (seed, index) -> identical bytes
@@ -79,7 +79,7 @@ def _write_folder(root: Path) -> dict[str, list[np.ndarray]]:
 
 
 def test_image_folder_recursive_class_labels_crop_and_flip(tmp_path: Path) -> None:
-    _write_folder(tmp_path)
+    written = _write_folder(tmp_path)
     dm = ImageFolderDataModule(
         root=str(tmp_path), image_size=16, class_folders=True, batch_size=9, num_workers=0
     )
@@ -87,14 +87,17 @@ def test_image_folder_recursive_class_labels_crop_and_flip(tmp_path: Path) -> No
     assert dm.num_classes == 3 and dm.classes == ["cat", "dog", "eel"]
     assert len(dm.datasets["train"]) == 9  # recursive, .txt ignored
     images, labels = next(iter(dm.val_dataloader()))  # fallback val = first train images
-    assert images.shape == (9, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    assert images.shape == (9, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    # the png class is lossless: centre crop of a 24x40 image resized to 16 keeps its content
+    # cat/0.png (lossless, 24x40): shorter side -> 16 (bicubic, 16x27), then the centre 16x16
     first = dm.datasets["train"][0][0]
-    assert first.dtype == torch.uint8 and first.shape == (3, 16, 16)
+    expected = Image.fromarray(written["cat"][0]).resize((27, 16), Image.Resampling.BICUBIC)
+    expected = np.asarray(expected.crop((5, 0, 21, 16)))
+    assert first.dtype == torch.uint8 and torch.equal(
+        first, torch.from_numpy(expected).permute(2, 0, 1)
+    )
     torch.manual_seed(0)
     flips = [next(iter(dm.train_dataloader()))[0] for _ in range(4)]
-    by_label = {}
     # training batches contain horizontally flipped copies of the un-augmented images
     ref = torch.stack([dm.datasets["train"][i][0] for i in range(9)]).float() / 255
     flipped = 0
@@ -104,7 +107,7 @@ def test_image_folder_recursive_class_labels_crop_and_flip(tmp_path: Path) -> No
             mirror = (image - ref.flip(-1)).abs().flatten(1).amax(1).min() < 1e-6
             assert same or mirror
             flipped += int(bool(mirror) and not bool(same))
-    assert 0 < flipped < 36, by_label
+    assert 0 < flipped < 36
 
 
 def test_image_folder_flat_pool_split_and_subset(tmp_path: Path) -> None:
@@ -113,14 +116,21 @@ def test_image_folder_flat_pool_split_and_subset(tmp_path: Path) -> None:
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, val_size=3, test_size=2, subset=4)
     dm.setup()
     value = lambda split, i: int(dm.datasets[split][i][0][0, 0, 0])  # noqa: E731
-    assert len(dm.datasets["train"]) == 4 and [value("train", i) for i in range(4)] == [0, 20, 40, 60]
+    assert len(dm.datasets["train"]) == 4 and [value("train", i) for i in range(4)] == [
+        0,
+        20,
+        40,
+        60,
+    ]
     assert [value("val", i) for i in range(3)] == [140, 160, 180]  # the LAST val_size files
     assert [value("test", i) for i in range(2)] == [100, 120]
 
 
 def test_image_folder_missing_and_empty_errors(tmp_path: Path) -> None:
     dm = ImageFolderDataModule(root=str(tmp_path / "nope"), name="celebahq256", source="SRC-URL")
-    with pytest.raises(DatasetNotFoundError, match=r"celebahq256 not found: looked for .*nope.*SRC-URL"):
+    with pytest.raises(
+        DatasetNotFoundError, match=r"celebahq256 not found: looked for .*nope.*SRC-URL"
+    ):
         dm.setup()
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetNotFoundError, match="no image files"):
@@ -162,9 +172,15 @@ def test_webdataset_workers_and_ranks_see_each_sample_once(tmp_path: Path, monke
 def test_webdataset_datamodule_epoch_length_labels_and_missing(tmp_path: Path) -> None:
     urls = _write_shards(tmp_path)
     dm = WebDatasetDataModule(
-        train_urls=urls, image_size=8, num_classes=3, epoch_length=30, batch_size=4,
-        num_workers=2, pin_memory=False, shuffle_buffer=8,
-    )  # fmt: skip
+        train_urls=urls,
+        image_size=8,
+        num_classes=3,
+        epoch_length=30,
+        batch_size=4,
+        num_workers=2,
+        pin_memory=False,
+        shuffle_buffer=8,
+    )
     batches = list(dm.train_dataloader())
     assert len(batches) == 30 // 4  # repeats the 20 samples to fill the epoch
     images, labels = batches[0]
@@ -188,13 +204,24 @@ def test_cifar10_missing_names_download_override(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["celeba256", "ffhq256", "lsun_church", "lsun_bedroom", "imagenet256", "image_folder",
-             "webdataset", "cifar10"],
-)  # fmt: skip
+    "name",
+    [
+        "celeba256",
+        "ffhq256",
+        "lsun_church",
+        "lsun_bedroom",
+        "imagenet256",
+        "image_folder",
+        "webdataset",
+        "cifar10",
+    ],
+)
 def test_image_configs_fail_with_a_clear_missing_data_error(name: str, tmp_path: Path) -> None:
     cfg = compose_config("train", [f"data={name}", f"paths.data_dir={tmp_path}/none"], tmp_path)
     dm = hydra.utils.instantiate(cfg.data)
-    assert dm.image_shape[0] == 3 and dm.num_classes == (1000 if name == "imagenet256" else 10 if name == "cifar10" else 0)
+    assert dm.image_shape[0] == 3 and dm.num_classes == (
+        1000 if name == "imagenet256" else 10 if name == "cifar10" else 0
+    )
     with pytest.raises(DatasetNotFoundError, match=f"looked for {tmp_path}/none"):
         dm.setup()
         dm.train_dataloader()
