@@ -1,5 +1,20 @@
 from latentzoo.data.ground_truth import FactorSubset, GroundTruthDataModule
+from latentzoo.data.images import (
+    CIFAR10DataModule,
+    ImageFolderDataModule,
+    ProcBlobsDataModule,
+    WebDatasetDataModule,
+)
 from latentzoo.data.latents import LatentsDataModule
 from latentzoo.data.sequences import SequenceDataModule
 
-__all__ = ["FactorSubset", "GroundTruthDataModule", "LatentsDataModule", "SequenceDataModule"]
+__all__ = [
+    "CIFAR10DataModule",
+    "FactorSubset",
+    "GroundTruthDataModule",
+    "ImageFolderDataModule",
+    "LatentsDataModule",
+    "ProcBlobsDataModule",
+    "SequenceDataModule",
+    "WebDatasetDataModule",
+]

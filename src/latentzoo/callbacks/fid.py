@@ -1,0 +1,141 @@
+"""Small-sample FID during training, logged as ``val/fid`` (monitoring only: never compare it
+with FID-50k; metrics.md §12)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from latentzoo.metrics.generative import GenerativeMetrics, generate_into, reference_stats
+from latentzoo.utils.logging import RankedLogger
+
+log = RankedLogger(__name__, rank_zero_only=True)
+
+
+class FIDCallback(L.Callback):
+    """Every ``every_n_steps`` training steps (and at the end of training), sample
+    ``num_samples`` images and log their FID against cached statistics of the datamodule's
+    ``reference_split`` as ``val/fid``.
+
+    Under DDP every rank samples its share, the reference state sits on rank 0, and torchmetrics
+    sum-reduces the statistics, so all ranks get the same value. The extractor is built lazily
+    on the module's device and kept out of the LightningModule (no Inception in checkpoints).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        num_samples: int = 5000,
+        batch_size: int = 100,
+        sampler: str | None = None,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        labels: str = "balanced",
+        extractor: str = "inception",
+        weights_path: str | None = None,
+        reference_split: str = "train",
+        reference_num_images: int | None = None,
+        reference_batch_size: int = 100,
+        stats_dir: str | None = None,
+        seed: int = 0,
+        key: str = "val/fid",
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.sample_kwargs = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale}
+        self.labels = labels
+        self.extractor = extractor
+        self.weights_path = weights_path
+        self.reference_split = reference_split
+        self.reference_num_images = reference_num_images
+        self.reference_batch_size = reference_batch_size
+        self.stats_dir = stats_dir
+        self.seed = seed
+        self.key = key
+        self.metrics: GenerativeMetrics | None = None
+        self._last_step = -1
+
+    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> GenerativeMetrics:
+        if self.metrics is None:
+            self.metrics = GenerativeMetrics(
+                extractor=self.extractor,
+                weights_path=self.weights_path,
+                kid=False,
+                device=pl_module.device,
+            )
+            stats_dir = self.stats_dir or Path(trainer.default_root_dir, "fid_stats")
+            stats = reference_stats(
+                self.metrics,
+                trainer.datamodule,
+                split=self.reference_split,
+                num_images=self.reference_num_images,
+                batch_size=self.reference_batch_size,
+                stats_dir=stats_dir,
+            )
+            self.metrics.set_reference(stats)
+        return self.metrics
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if trainer.sanity_checking or step == self._last_step:
+            return
+        self._last_step = step
+        metrics = self._prepare(trainer, pl_module)
+        metrics.reset_fake()
+        num_classes = int(getattr(trainer.datamodule, "num_classes", 0) or 0)
+        timing = generate_into(
+            pl_module,
+            metrics,
+            self.num_samples,
+            self.batch_size,
+            num_classes,
+            self.labels,
+            self.sample_kwargs,
+            self.seed,
+        )
+        fid = metrics.compute()["fid"]  # identical on every rank after the reduction
+        log.info(f"{self.key} at step {step}: {fid:.3f} ({self.num_samples} samples)")
+        values = {self.key: fid}
+        if "nfe" in timing:
+            values[f"{self.key}_nfe"] = timing["nfe"]
+        pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step != self._last_step:
+            log.info(f"FID at the end of training (step {step})")
+            # Lightning forbids self.log in on_train_end; write to the loggers directly
+            metrics = self._prepare(trainer, pl_module)
+            metrics.reset_fake()
+            num_classes = int(getattr(trainer.datamodule, "num_classes", 0) or 0)
+            generate_into(
+                pl_module,
+                metrics,
+                self.num_samples,
+                self.batch_size,
+                num_classes,
+                self.labels,
+                self.sample_kwargs,
+                self.seed,
+            )
+            fid = metrics.compute()["fid"]
+            self._last_step = step
+            if trainer.global_rank == 0:
+                for logger in trainer.loggers:
+                    logger.log_metrics({self.key: fid}, step=step)
+            trainer.callback_metrics[self.key] = torch.tensor(fid)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict.get("last_step", -1)
