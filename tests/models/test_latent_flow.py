@@ -29,10 +29,12 @@ from tests.conftest import compose_config
 # ------------------------------------------------------------------------------ test helpers
 
 
-def moving_square_sequences(n: int, steps: int, k: torch.Tensor, size: int = 28, channels: int = 1):
+def moving_square_sequences(
+    n: int, steps: int, k: torch.Tensor, size: int = 28, channels: int = 1, seed: int = 0
+) -> torch.Tensor:
     """Sequences of a 6-px square moving right (k = 0), down (k = 1) or growing (k = 2)."""
     frames = torch.zeros(n, steps + 1, channels, size, size)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     start = torch.randint(2, size // 2 - 4, (n, 2), generator=gen)
     for i in range(n):
         for t in range(steps + 1):
@@ -57,7 +59,7 @@ class SequenceData(L.LightningDataModule):
         self.batches = []
         for i in range(n * num_k):
             k = torch.full((batch,), i % num_k)
-            frames = moving_square_sequences(batch, steps, k, size)
+            frames = moving_square_sequences(batch, steps, k, size, seed=i)
             self.batches.append({"frames": frames, "k": k, "factors": torch.zeros(batch, 1)})
 
     def train_dataloader(self):
@@ -174,9 +176,7 @@ def test_flow_step_moves_z_by_the_analytic_amount() -> None:
     model.potentials = nn.ModuleList([Quadratic(a), Quadratic(2 * a)])
     z0 = torch.randn(5, d)
     weights = model._one_hot(1, 5)
-    out = model.flow(
-        z0, weights, steps, density=True, log_q0=torch.zeros(5), log_p0=torch.zeros(5)
-    )
+    out = model.flow(z0, weights, steps, density=True, log_q0=torch.zeros(5), log_p0=torch.zeros(5))
     h = model.frame_step
     assert h == pytest.approx(1 / steps)
     step = torch.eye(d) + h * 2 * a  # z_{t+1} = (I + h·2A) z_t for k = 1
@@ -185,7 +185,9 @@ def test_flow_step_moves_z_by_the_analytic_amount() -> None:
         expected = expected @ step.T
         torch.testing.assert_close(out["z"][t], expected, atol=1e-5, rtol=1e-5)
         log_det = torch.logdet(step.double()).float()
-        torch.testing.assert_close(out["log_q"][t - 1], -t * log_det.expand(5), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            out["log_q"][t - 1], -t * log_det.expand(5), atol=1e-4, rtol=1e-4
+        )
     # the right-end integer-time grid of the original: Δ = 1
     original = tiny_flow(d=d, steps=steps, time_grid="integer", velocity_at="right")
     assert original.frame_step == 1.0 and original._tau(2, 0) == 2.0 and model._tau(2, 0) == h
@@ -325,7 +327,9 @@ def test_log_prob_has_the_right_sign() -> None:
                 model.decoder(mean + torch.randn_like(mean) * (0.5 * logvar).exp()),
                 x,
                 reduction="none",
-            ).flatten(1).sum(1)
+            )
+            .flatten(1)
+            .sum(1)
             for _ in range(200)
         ]
     ).mean(0)
@@ -381,7 +385,12 @@ def test_model_config_composes_and_instantiates(tmp_path: Path) -> None:
     assert hydra.utils.instantiate(weak.model).index_net is not None
     bad = compose_config(
         "train",
-        ["model=latent_flow", "data=proc_dsprites", "model.variant=weak", "model.k_sampling=per_sample"],
+        [
+            "model=latent_flow",
+            "data=proc_dsprites",
+            "model.variant=weak",
+            "model.k_sampling=per_sample",
+        ],
         tmp_path,
     )
     with pytest.raises(Exception, match="one transformation per batch"):

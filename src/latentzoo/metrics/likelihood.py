@@ -45,7 +45,9 @@ class ApproximateLikelihood:
         log_every: int = 50,
     ) -> None:
         if likelihood not in ("bernoulli", "gaussian_unit"):
-            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian_unit', got '{likelihood}'")
+            raise ValueError(
+                f"likelihood must be 'bernoulli' or 'gaussian_unit', got '{likelihood}'"
+            )
         self.num_samples, self.likelihood = num_samples, likelihood
         self.gaussian_constant, self.transformed = gaussian_constant, transformed
         self.seed, self.split, self.max_images, self.log_every = seed, split, max_images, log_every
@@ -86,7 +88,9 @@ class ApproximateLikelihood:
             kwargs = {"likelihood": self.likelihood} if self.likelihood != "bernoulli" else {}
             elbo.append(-model.log_prob(x, num_samples=1, **kwargs).double().cpu())
             if self.num_samples > 1:
-                iwae.append(-model.log_prob(x, num_samples=self.num_samples, **kwargs).double().cpu())
+                iwae.append(
+                    -model.log_prob(x, num_samples=self.num_samples, **kwargs).double().cpu()
+                )
             if use_sequences and frames is not None and frames.shape[1] > 1:
                 flow_k = model.predict_transform(frames) if weak else k
                 nll_t = -model.log_prob_sequence(frames, flow_k, **kwargs).double().cpu()  # (B, S)

@@ -118,7 +118,9 @@ def step_log_det(
         return torch.log((1 + step * row_sums).abs())
     if method == "exact":
         rows = [
-            torch.autograd.grad(velocity[:, i].sum(), z, create_graph=create_graph, retain_graph=True)[0]
+            torch.autograd.grad(
+                velocity[:, i].sum(), z, create_graph=create_graph, retain_graph=True
+            )[0]
             for i in range(z.shape[1])
         ]
         hessian = torch.stack(rows, dim=1)  # (B, d, d), row i = ∂v_i/∂z
@@ -127,7 +129,9 @@ def step_log_det(
     raise ValueError(f"logdet must be 'hutchinson', 'exact' or 'rowsum', got '{method}'")
 
 
-def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+def gaussian_log_density(
+    z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
+) -> torch.Tensor:
     """Per-dimension log N(z; mean, exp(log_std)²), broadcasting."""
     return -0.5 * ((z - mean) * torch.exp(-log_std)).pow(2) - log_std - 0.5 * LOG_2PI
 
@@ -196,17 +200,21 @@ class LatentFlow(LatentModel):
                 raise LatentzooError(f"model.{key} must be one of {allowed}, got '{value}'")
         if variant == "weak" and k_sampling == "per_sample":
             raise LatentzooError(
-                "model.variant=weak needs one transformation per batch (data k_sampling=per_batch): "
-                "its batch-agreement term pushes the whole batch to one k."
+                "model.variant=weak needs one transformation per batch (data "
+                "k_sampling=per_batch): its batch-agreement term pushes the batch to one k."
             )
         if variant == "weak" and index_net is None:
             raise LatentzooError("model.variant=weak needs model.index_net (the index predictor R)")
         if substeps < 1 or seq_len < 1:
             raise LatentzooError(f"substeps and seq_len must be >= 1, got {substeps}, {seq_len}")
         self.save_hyperparameters(
-            logger=False, ignore=["encoder", "decoder", "potential", "index_net", "optimizer", "scheduler"]
+            logger=False,
+            ignore=["encoder", "decoder", "potential", "index_net", "optimizer", "scheduler"],
         )
-        self.encoder, self.decoder = encoder, decoder  # image -> 2d (mean, log-variance); z -> logits
+        self.encoder, self.decoder = (
+            encoder,
+            decoder,
+        )  # image -> 2d (mean, log-variance); z -> logits
         self.latent_dim, self.num_transforms, self.seq_len = latent_dim, num_transforms, seq_len
         self.image_shape = tuple(image_shape)
         self.variant, self.k_sampling = variant, k_sampling
@@ -400,7 +408,9 @@ class LatentFlow(LatentModel):
             path = self.flow(z0, self._one_hot(k, x.shape[0]), steps)["z"]
             return torch.stack([self.decode(z).detach() for z in path])
 
-    def _log_likelihood(self, logits: torch.Tensor, x: torch.Tensor, likelihood: str) -> torch.Tensor:
+    def _log_likelihood(
+        self, logits: torch.Tensor, x: torch.Tensor, likelihood: str
+    ) -> torch.Tensor:
         if likelihood == "bernoulli":
             return bernoulli_log_likelihood(logits, x)
         if likelihood == "gaussian_unit":  # [ORIGINAL] log N(x; x̂, I) with its constant
@@ -445,7 +455,12 @@ class LatentFlow(LatentModel):
             if self.kl_kind != "softmax_surrogate":
                 log_q0, log_p0 = log_q0.sum(1), log_p0.sum(1)
             out = self.flow(
-                z0, weights, steps, density=True, log_q0=log_q0, log_p0=log_p0,
+                z0,
+                weights,
+                steps,
+                density=True,
+                log_q0=log_q0,
+                log_p0=log_p0,
                 mean_weights=weights.mean(0),
             )
             values = []
@@ -502,7 +517,13 @@ class LatentFlow(LatentModel):
         if not surrogate:
             log_q0, log_p0 = log_q0.sum(1), log_p0.sum(1)
         out = self.flow(
-            z0, weights, steps, create_graph=True, density=True, log_q0=log_q0, log_p0=log_p0,
+            z0,
+            weights,
+            steps,
+            create_graph=True,
+            density=True,
+            log_q0=log_q0,
+            log_p0=log_p0,
             mean_weights=mean_weights,
         )
 
@@ -517,8 +538,10 @@ class LatentFlow(LatentModel):
         if surrogate:  # [ORIGINAL] KL(softmax_d(exp ρ_p) ‖ softmax_d(exp ρ_q)), batch mean
             kl_t = [
                 F.kl_div(
-                    F.log_softmax(lq.exp(), dim=1), F.log_softmax(lp.exp(), dim=1),
-                    reduction="batchmean", log_target=True,
+                    F.log_softmax(lq.exp(), dim=1),
+                    F.log_softmax(lp.exp(), dim=1),
+                    reduction="batchmean",
+                    log_target=True,
                 )
                 for lq, lp in zip(out["log_q"], out["log_p"], strict=True)
             ]

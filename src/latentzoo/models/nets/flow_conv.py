@@ -62,7 +62,9 @@ class FlowConvEncoder(nn.Module):
             in_channels = width_out
         self.features = nn.Sequential(*layers, nn.Flatten())
         flat = in_channels * sizes[-1] ** 2
-        self.head = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
+        self.head = nn.Sequential(
+            nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, out_features)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
