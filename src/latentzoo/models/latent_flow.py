@@ -404,7 +404,10 @@ class LatentFlow(LatentModel):
     def transform(self, x: torch.Tensor, k: torch.Tensor | int, steps: int) -> torch.Tensor:
         """Decoded frames (steps+1, B, C, H, W) along the flow of k from μ(x); frame 0 = Dec(μ)."""
         with autograd_enabled():
-            z0 = self.posterior(x.clone())[0].detach()
+            mean, logvar = self.posterior(x.clone())
+            z0 = mean.detach()
+            if self.posterior_sample_eval:  # [ORIGINAL]: a posterior sample (E_k is stochastic)
+                z0 = z0 + torch.randn_like(z0) * (0.5 * logvar.detach()).exp()
             path = self.flow(z0, self._one_hot(k, x.shape[0]), steps)["z"]
             return torch.stack([self.decode(z).detach() for z in path])
 
@@ -474,6 +477,22 @@ class LatentFlow(LatentModel):
 
     # ------------------------------------------------------------------------------- training
 
+    def setup(self, stage: str) -> None:
+        """Refuse a datamodule whose K or image shape differ from the model's (the config's
+        fallback K = 3 applies only when the data config does not name num_transforms)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        num_k = getattr(datamodule, "num_transforms", None)
+        if num_k is not None and int(num_k) != self.num_transforms:
+            raise LatentzooError(
+                f"the data has {num_k} transformations but the model {self.num_transforms}; "
+                f"set model.num_transforms={num_k}"
+            )
+        shape = getattr(datamodule, "image_shape", None)
+        if shape is not None and tuple(shape) != self.image_shape:
+            raise LatentzooError(
+                f"data image_shape {list(shape)} != model {list(self.image_shape)}"
+            )
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return as_sequence_batch(batch)
 
@@ -505,7 +524,7 @@ class LatentFlow(LatentModel):
             mean_weights = weights.mean(0)
             # KL(onehot(argmax p̄) ‖ p̄) = −log p̄[argmax]: the batch should agree on one flow.
             terms["agree"] = -torch.log(mean_weights.max().clamp_min(1e-8))
-            terms["gumbel_tau"] = torch.tensor(self.gumbel_temperature())
+            terms["gumbel_tau"] = torch.tensor(self.gumbel_temperature(), device=frames.device)
             terms["index_acc_raw"] = (logits.argmax(1) == k).float().mean()  # before matching
         else:
             weights = self._one_hot(k, batch_size)
