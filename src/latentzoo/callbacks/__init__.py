@@ -1,5 +1,13 @@
 from latentzoo.callbacks.fid import FIDCallback
+from latentzoo.callbacks.flow_paths import FlowPaths
 from latentzoo.callbacks.images import LatentTraversalGrid, ReconstructionGrid
 from latentzoo.callbacks.run_info import LossReport, ResumeReport
 
-__all__ = ["FIDCallback", "LatentTraversalGrid", "LossReport", "ReconstructionGrid", "ResumeReport"]
+__all__ = [
+    "FIDCallback",
+    "FlowPaths",
+    "LatentTraversalGrid",
+    "LossReport",
+    "ReconstructionGrid",
+    "ResumeReport",
+]

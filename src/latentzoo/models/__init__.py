@@ -3,6 +3,7 @@ from latentzoo.models.beta_tcvae import BetaTCVAE
 from latentzoo.models.beta_vae import BetaVAE
 from latentzoo.models.factor_vae import FactorVAE
 from latentzoo.models.kl_autoencoder import KLAutoencoder
+from latentzoo.models.latent_flow import LatentFlow
 from latentzoo.models.latent_fm import LatentFlowMatching
 from latentzoo.models.lie_vae import LieVAE
 
@@ -11,6 +12,7 @@ __all__ = [
     "BetaVAE",
     "FactorVAE",
     "KLAutoencoder",
+    "LatentFlow",
     "LatentFlowMatching",
     "LatentModel",
     "LieVAE",
