@@ -110,7 +110,10 @@ def record_run(task: Callable[[DictConfig, RunRecord], tuple[dict, dict]]) -> Ca
         try:
             metrics, objects = task(cfg, record)
         except BaseException as error:
-            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            # Lightning turns Ctrl-C into a graceful shutdown and then SystemExit(1)
+            stopped = bool(getattr(record.trainer, "interrupted", False))
+            interrupted = isinstance(error, KeyboardInterrupt) or stopped
+            status = "interrupted" if interrupted else "failed"
             try:
                 record.write(status, error=error)
             except Exception as write_error:  # never hide the real error behind this one
