@@ -345,6 +345,7 @@ def test_lightning_fit_validates_under_inference_mode(tmp_path: Path) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=2,
+        log_every_n_steps=1,  # train terms are logged on logging steps only
         limit_val_batches=1,
         val_check_interval=2,
         logger=False,

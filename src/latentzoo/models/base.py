@@ -90,8 +90,12 @@ class LatentModel(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "test")
 
+    def optimizer_params(self) -> Any:
+        """What the optimizer trains: all parameters, or param groups (subclasses narrow it)."""
+        return self.parameters()
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self.optimizer_params())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

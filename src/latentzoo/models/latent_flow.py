@@ -615,7 +615,7 @@ class LatentFlow(LatentModel):
                 total = total + (weights[:, k] * value).mean()
         return total
 
-    def configure_optimizers(self) -> Any:
+    def optimizer_params(self) -> list[dict]:
         """One Adam over three parameter groups (VAE; potentials + prior; R) with their own
         learning rates: identical to the original's separate Adams (Adam is per-parameter)."""
         flow = [*self.potentials.parameters(), self.prior_mean, self.prior_log_std]
@@ -631,11 +631,4 @@ class LatentFlow(LatentModel):
             groups.append({"params": list(self.index_net.parameters()), "name": "index"})
             if self.index_lr is not None:
                 groups[2]["lr"] = self.index_lr
-        optimizer = self.optimizer_factory(params=groups)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
-        }
+        return groups

@@ -227,16 +227,9 @@ class LatentFlowMatching(LatentModel):
                 f"scale_factor ({self.first_stage.scale_factor}) may not fit this data"
             )
 
-    def configure_optimizers(self) -> Any:
+    def optimizer_params(self) -> Any:
         # only the velocity net trains; the frozen first stage stays out of the optimizer
-        optimizer = self.optimizer_factory(params=self.net.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
-        }
+        return self.net.parameters()
 
     # ------------------------------------------------------------------ EMA and checkpoints
     def on_fit_start(self) -> None:
