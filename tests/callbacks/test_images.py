@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from PIL import Image, ImageSequence
 from torch.utils.data import DataLoader, TensorDataset
 
-from latentzoo.callbacks import LatentTraversalGrid, ReconstructionGrid
+from latentzoo.callbacks import LatentTraversalGrid, ReconstructionGrid, SampleGrid
 from latentzoo.callbacks.images import traversal_values
 
 SIZE = 8  # 1 x 8 x 8 images
@@ -182,3 +182,34 @@ def test_bad_options_fail_clearly() -> None:
         LatentTraversalGrid("x", quantile=0.7)
     with pytest.raises(ValueError, match="num_steps"):
         LatentTraversalGrid("x", num_steps=1)
+
+
+class SamplingModel(TwoLatentModel):
+    """TwoLatentModel with a prior: ``sample(n)`` decodes standard-normal codes."""
+
+    def sample(self, n: int) -> torch.Tensor:
+        return self.decode(torch.randn(n, 2, device=self.device))
+
+
+def test_sample_grid_is_seeded_and_leaves_the_training_rng_alone(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    grid = SampleGrid(str(images), every_n_steps=2, num_images=9, seed=3)
+    fit([grid], tmp_path, max_steps=4, model=SamplingModel())
+    first = np.asarray(Image.open(images / "samples_step000002.png"))
+    last = np.asarray(Image.open(images / "samples_step000004.png"))
+    assert first.shape[:2] == (3 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2)  # 3 x 3 samples
+    assert first.std() > 0  # samples differ from each other
+
+    model = SamplingModel()
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    again = grid.draw(model, torch.empty(0))
+    assert torch.equal(torch.rand(3), expected_next)  # drawing did not consume the global RNG
+    assert torch.equal(again, grid.draw(model, torch.empty(0)))  # same seed, same samples
+    assert first.shape == last.shape
+
+
+def test_sample_grid_skips_models_without_sample(tmp_path: Path) -> None:
+    fit([SampleGrid(str(tmp_path / "images"), every_n_steps=1)], tmp_path, max_steps=2)
+    assert not list((tmp_path / "images").glob("samples_*.png"))

@@ -1,6 +1,6 @@
 from latentzoo.callbacks.fid import FIDCallback
 from latentzoo.callbacks.flow_paths import FlowPaths
-from latentzoo.callbacks.images import LatentTraversalGrid, ReconstructionGrid
+from latentzoo.callbacks.images import LatentTraversalGrid, ReconstructionGrid, SampleGrid
 from latentzoo.callbacks.run_info import LossReport, ResumeReport
 
 __all__ = [
@@ -10,4 +10,5 @@ __all__ = [
     "LossReport",
     "ReconstructionGrid",
     "ResumeReport",
+    "SampleGrid",
 ]

@@ -198,6 +198,31 @@ class ReconstructionGrid(_GridCallback):
         return make_grid(torch.cat([images, reconstructions]), nrow=len(images), pad_value=0.5)
 
 
+class SampleGrid(_GridCallback):
+    """Images from ``model.sample(n)`` (in [0, 1]) drawn with a fixed seed, so grids at
+    different steps start from the same noise and show how the samples evolve."""
+
+    name = "samples"
+    required = ("sample",)
+
+    def __init__(
+        self, dirpath: str, every_n_steps: int = 500, num_images: int = 64, seed: int = 0
+    ) -> None:
+        super().__init__(dirpath, every_n_steps, num_images)
+        self.seed = seed
+
+    def _fixed_images(self, trainer: L.Trainer) -> torch.Tensor:
+        return torch.empty(0)  # samples need no data
+
+    def draw(self, model: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
+        cuda = [model.device.index or 0] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # leave the training RNG untouched
+            torch.manual_seed(self.seed)
+            samples = model.sample(self.num_images)
+        rows = max(1, round(self.num_images**0.5))
+        return make_grid(samples.float().clamp(0, 1), nrow=rows, pad_value=0.5)
+
+
 class LatentTraversalGrid(_GridCallback):
     """Latent traversals: each latent dimension swept while the others stay at the posterior
     mean of a validation image.
