@@ -110,9 +110,10 @@ def record_run(task: Callable[[DictConfig, RunRecord], tuple[dict, dict]]) -> Ca
         try:
             metrics, objects = task(cfg, record)
         except BaseException as error:
-            # Lightning turns Ctrl-C into a graceful shutdown and then SystemExit(1)
+            # Lightning turns Ctrl-C into a graceful shutdown, then SystemExit(1)
             stopped = bool(getattr(record.trainer, "interrupted", False))
-            interrupted = isinstance(error, KeyboardInterrupt) or stopped
+            ctrl_c = isinstance(error, SystemExit) and stopped
+            interrupted = isinstance(error, KeyboardInterrupt) or ctrl_c
             status = "interrupted" if interrupted else "failed"
             try:
                 record.write(status, error=error)
