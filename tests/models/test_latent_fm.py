@@ -147,6 +147,19 @@ def test_ema_update_math_and_swap() -> None:
     assert torch.allclose(net.weight, w0 + 1)  # raw weights restored
 
 
+def test_ema_warmup_follows_early_weights() -> None:
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net, decay=0.999, warmup=True)
+    w0 = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)  # first update: decay min(0.999, 1/10) = 0.1
+    assert torch.allclose(ema.shadow["weight"], 0.1 * w0 + 0.9 * (w0 + 1))
+    ema.num_updates = 10_000
+    assert ema.current_decay() == 0.999  # the ramp ends at the configured decay
+    assert EMA(net, decay=0.999).current_decay() == 0.999  # no warmup: fixed from the start
+
+
 def _loader(n: int = 16, classes: int = 3) -> DataLoader:
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(n, 3, 8, 8, generator=gen)

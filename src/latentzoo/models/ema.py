@@ -2,6 +2,11 @@
 
     θ_ema ← decay · θ_ema + (1 − decay) · θ        after every optimizer step
 
+With ``warmup=True`` the decay of update n is min(decay, (1 + n) / (10 + n)), as TensorFlow's
+``ExponentialMovingAverage(num_updates=...)``: early updates follow the raw weights, so short
+runs do not sample from an average still dominated by the initialisation (DiT's zero-initialised
+gates make such an average nearly silent). DiT / LFM use a fixed decay (the default).
+
 The EMA is a plain object, not a submodule, so the optimizer never sees it and the Lightning
 ``state_dict`` holds the raw weights; the model stores ``EMA.state_dict()`` in the checkpoint
 (``on_save_checkpoint``) and restores it in ``on_load_checkpoint``. ``swapped(module)``
@@ -21,10 +26,11 @@ from torch import nn
 class EMA:
     """Shadow copy of ``module``'s floating-point parameters and buffers."""
 
-    def __init__(self, module: nn.Module, decay: float = 0.9999) -> None:
+    def __init__(self, module: nn.Module, decay: float = 0.9999, warmup: bool = False) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
+        self.warmup = warmup
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] = {
             name: value.detach().clone()
@@ -43,9 +49,15 @@ class EMA:
         torch._foreach_lerp_(
             shadow,
             [current[n].detach().to(s.dtype) for n, s in zip(names, shadow, strict=True)],
-            1.0 - self.decay,
+            1.0 - self.current_decay(),
         )
         self.num_updates += 1
+
+    def current_decay(self) -> float:
+        """The decay of the next update (see the module docstring for ``warmup``)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
 
     def to(self, device: torch.device | str) -> EMA:
         self.shadow = {name: value.to(device) for name, value in self.shadow.items()}

@@ -80,6 +80,7 @@ class LatentFlowMatching(LatentModel):
         t_sampling: "uniform" (LFM) or "logit_normal".
         time_convention: "latentzoo" (t = 0 noise) or "lfm" (t = 0 data; for LFM checkpoints).
         ema_decay: EMA decay (None = no EMA; sampling then uses the raw weights).
+        ema_warmup: ramp the decay up as min(decay, (1+n)/(10+n)) (for short runs).
         sampler: default solver settings: {name, steps, rtol, atol}.
     """
 
@@ -98,6 +99,7 @@ class LatentFlowMatching(LatentModel):
         t_sampling: str = "uniform",
         time_convention: str = "latentzoo",
         ema_decay: float | None = 0.9999,
+        ema_warmup: bool = False,
         sampler: dict[str, Any] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -152,7 +154,7 @@ class LatentFlowMatching(LatentModel):
             f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M parameters on "
             f"{self.latent_shape} latents of {self.first_stage.name}"
         )
-        self.ema = EMA(self.net, ema_decay) if ema_decay is not None else None
+        self.ema = EMA(self.net, ema_decay, ema_warmup) if ema_decay is not None else None
         self._ema_step = -1
         self._checked_latent_std = False
         self.last_nfe = 0
@@ -271,7 +273,7 @@ class LatentFlowMatching(LatentModel):
             self.ema.load_state_dict(checkpoint["ema"])
         elif self.ema is not None:
             log.warning("checkpoint has no EMA weights; the EMA restarts from the raw weights")
-            self.ema = EMA(self.net, self.ema.decay)
+            self.ema = EMA(self.net, self.ema.decay, self.ema.warmup)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
