@@ -36,7 +36,41 @@ def reconstruction_loss(logits: torch.Tensor, x: torch.Tensor, likelihood: str) 
     return nll.flatten(1).sum(1)
 
 
-class BetaVAE(LatentModel):
+class GaussianVAEMixin:
+    """The capabilities of a VAE whose ``encoder`` outputs (mean, log-variance) of a diagonal
+    Gaussian posterior, whose prior is N(0, I) on ``latent_dim`` dimensions and whose
+    ``decoder`` outputs image logits: ``encode`` (posterior mean, used by the disentanglement
+    metrics), ``decode`` (images in [0, 1]), ``sample``, ``reconstruct``."""
+
+    encoder: nn.Module
+    decoder: nn.Module
+    latent_dim: int
+    device: torch.device
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic representation: the posterior mean."""
+        return self.posterior(x)[0]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1]."""
+        return torch.sigmoid(self.decoder(z))
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """``n`` images from the prior, in [0, 1]."""
+        return self.decode(torch.randn(n, self.latent_dim, device=self.device))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+class BetaVAE(GaussianVAEMixin, LatentModel):
     """β-VAE with a diagonal Gaussian posterior and a standard normal prior.
 
     Capabilities: ``encode`` (posterior mean, used by disentanglement metrics), ``decode``
@@ -64,28 +98,6 @@ class BetaVAE(LatentModel):
         self.latent_dim = latent_dim
         self.beta = beta
         self.likelihood = likelihood
-
-    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
-        return mean, logvar
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic representation: the posterior mean."""
-        return self.posterior(x)[0]
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1]."""
-        return torch.sigmoid(self.decoder(z))
-
-    @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        """``n`` images from the prior, in [0, 1]."""
-        return self.decode(torch.randn(n, self.latent_dim, device=self.device))
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
 
     def regulariser(self, mean: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> dict:
         """The weighted prior term; subclasses (β-TCVAE, FactorVAE) change this."""

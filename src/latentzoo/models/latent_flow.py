@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory
-from latentzoo.models.beta_vae import gaussian_kl
+from latentzoo.models.beta_vae import GaussianVAEMixin, gaussian_kl
 from latentzoo.utils.errors import LatentzooError
 
 LOG_2PI = math.log(2 * math.pi)
@@ -141,7 +141,7 @@ def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
 
-class LatentFlow(LatentModel):
+class LatentFlow(GaussianVAEMixin, LatentModel):
     """Latent flows of K transformations on top of a VAE. See the module docstring.
 
     Capabilities: ``encode`` (posterior mean), ``decode``, ``sample``, ``reconstruct``,
@@ -247,27 +247,7 @@ class LatentFlow(LatentModel):
         self.flow_lr, self.index_lr = flow_lr, index_lr
 
     # ----------------------------------------------------------------------------------- VAE
-
-    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
-        return mean, logvar
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic representation: the posterior mean μ(x)."""
-        return self.posterior(x)[0]
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1]."""
-        return torch.sigmoid(self.decoder(z))
-
-    @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        return self.decode(torch.randn(n, self.latent_dim, device=self.device))
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+    # posterior, encode, decode, sample, reconstruct: GaussianVAEMixin (N(0, I) prior at t = 0)
 
     # ---------------------------------------------------------------------------------- flow
 
