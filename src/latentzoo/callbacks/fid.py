@@ -84,6 +84,15 @@ class FIDCallback(L.Callback):
         if trainer.sanity_checking or step == self._last_step:
             return
         self._last_step = step
+        fid, timing = self._fid(trainer, pl_module)
+        log.info(f"{self.key} at step {step}: {fid:.3f} ({self.num_samples} samples)")
+        values = {self.key: fid}
+        if "nfe" in timing:
+            values[f"{self.key}_nfe"] = timing["nfe"]
+        pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _fid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[float, dict]:
+        """FID of ``num_samples`` fresh samples against the reference; and the timing dict."""
         metrics = self._prepare(trainer, pl_module)
         metrics.reset_fake()
         num_classes = int(getattr(trainer.datamodule, "num_classes", 0) or 0)
@@ -97,12 +106,7 @@ class FIDCallback(L.Callback):
             self.sample_kwargs,
             self.seed,
         )
-        fid = metrics.compute()["fid"]  # identical on every rank after the reduction
-        log.info(f"{self.key} at step {step}: {fid:.3f} ({self.num_samples} samples)")
-        values = {self.key: fid}
-        if "nfe" in timing:
-            values[f"{self.key}_nfe"] = timing["nfe"]
-        pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
+        return metrics.compute()["fid"], timing  # identical on every rank after the reduction
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -114,20 +118,7 @@ class FIDCallback(L.Callback):
         if step != self._last_step:
             log.info(f"FID at the end of training (step {step})")
             # Lightning forbids self.log in on_train_end; write to the loggers directly
-            metrics = self._prepare(trainer, pl_module)
-            metrics.reset_fake()
-            num_classes = int(getattr(trainer.datamodule, "num_classes", 0) or 0)
-            generate_into(
-                pl_module,
-                metrics,
-                self.num_samples,
-                self.batch_size,
-                num_classes,
-                self.labels,
-                self.sample_kwargs,
-                self.seed,
-            )
-            fid = metrics.compute()["fid"]
+            fid, _ = self._fid(trainer, pl_module)
             self._last_step = step
             if trainer.global_rank == 0:
                 for logger in trainer.loggers:
