@@ -5,6 +5,8 @@ Train: DiT-S/2 and DiT-B/2 on random 4x32x32 latents (the SD-VAE latents of 256-
 loops, same DataLoader. Reports samples/s and the Lightning overhead
 ``(t_lightning − t_bare) / t_bare`` per step. Sample: images/s and NFE of euler (50 steps),
 heun (25 steps, 50 NFE) and dopri5 (rtol = atol = 1e-5) with EMA weights (no VAE decode).
+On GPU, MFU = (training FLOPs per sample, counted by ``torch.utils.flop_counter`` over one
+forward + backward) x samples/s / ``--peak-tflops`` (default: 989 TFLOP/s, H100/H200 dense bf16).
 
 Usage::
 
@@ -69,6 +71,21 @@ def build(name: str, shape: list[int], classes: int) -> LatentFlowMatching:
         ema_decay=0.9999,
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0),
     )
+
+
+def train_flops_per_sample(model: LatentFlowMatching, shape: list[int], batch: int) -> float:
+    """FLOPs of one forward + backward of the backbone, per sample (dtype does not change it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = model.net
+    device = next(net.parameters()).device
+    z = torch.randn(batch, *shape, device=device)
+    t = torch.rand(batch, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        net(z, t, y).pow(2).mean().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
 
 
 def bare_loop(model, loader, device, precision: str, warmup: int, steps: int) -> float:
@@ -162,6 +179,7 @@ def main() -> None:
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on GPU, 32 on CPU")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke: tiny DiT, 4x8x8, 3 steps")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (GPU only)")
     args = parser.parse_args()
     if args.tiny:
         args.models, args.latent, args.batch, args.steps, args.warmup = (
@@ -217,6 +235,12 @@ def main() -> None:
             "lightning_overhead_pct": 100 * (light - bare) / bare,
             "sampling": sampling(model, device, args.batch, args.latent),
         }
+        flops = train_flops_per_sample(build(name, args.latent, args.classes), args.latent, 2)
+        entry["train_gflops_per_sample"] = flops / 1e9
+        if device.type == "cuda":
+            entry["mfu_pct"] = (
+                100 * flops * entry["lightning_samples_per_s"] / (args.peak_tflops * 1e12)
+            )
         report["models"][name] = entry
         print(name, json.dumps(entry, indent=1))
     out = args.out or OUT_DIR / ("latent_fm_tiny.json" if args.tiny else "latent_fm.json")
