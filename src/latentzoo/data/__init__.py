@@ -1,6 +1,5 @@
 from latentzoo.data.ground_truth import FactorSubset, GroundTruthDataModule
 from latentzoo.data.images import (
-    CIFAR10DataModule,
     ImageFolderDataModule,
     ProcBlobsDataModule,
     WebDatasetDataModule,
@@ -17,4 +16,20 @@ __all__ = [
     "ProcBlobsDataModule",
     "SequenceDataModule",
     "WebDatasetDataModule",
+]
+
+# labelled image sets (torchvision MNIST/FashionMNIST/CIFAR/SVHN, ImageNet32, sk digits, proc_cifar)
+from latentzoo.data.labelled import (  # noqa: E402
+    CIFAR10DataModule,
+    ImageNet32DataModule,
+    ProcCIFARDataModule,
+    SklearnDigitsDataModule,
+    TorchvisionDataModule,
+)
+
+__all__ += [
+    "ImageNet32DataModule",
+    "ProcCIFARDataModule",
+    "SklearnDigitsDataModule",
+    "TorchvisionDataModule",
 ]
