@@ -4,7 +4,8 @@ Ten classes = 5 shapes (disc, square, triangle, ring, cross) x 2 palettes (warm 
 yellow; cool hues: green to blue); label ``c`` draws shape ``c // 2`` in palette ``c % 2``. Each
 3x32x32 image is a two-colour gradient background (any hue, low saturation, so it does not give
 the class away) with one shape at a random position, scale and rotation, 2x2 supersampled, plus
-uniform pixel noise of a random amplitude, stored as uint8 like CIFAR.
+uniform pixel noise of a random amplitude (one of 512 fixed noise fields, randomly rolled and
+sign-flipped per image), stored as uint8 like CIFAR.
 
 Determinism: every random number of image ``i`` is a counter-based hash (splitmix64, shared with
 ``proc_digits``) of ``(seed, split, i, stream)``, so any batch, order or worker gives the same
@@ -32,6 +33,7 @@ __all__ = ["ProcCIFAR", "SHAPES", "render_proc_cifar"]
 SHAPES = ("disc", "square", "triangle", "ring", "cross")
 NUM_CLASSES = 10
 CHUNK = 1024
+NOISE_BANK = 512  # distinct noise fields; each image rolls one by a random offset
 # hue ranges of the two palettes (fractions of the colour wheel)
 PALETTES = ((-0.05, 0.15), (0.35, 0.68))  # warm (red..yellow), cool (green..blue)
 _PARAMS = ("cx", "cy", "scale", "angle", "hue", "sat", "val", "bg_hue", "bg_hue2", "bg_sat")
@@ -45,23 +47,20 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return v[:, None] - (v * s)[:, None] * torch.minimum(kk, 4.0 - kk).clamp(0.0, 1.0)
 
 
-def _inside(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Whether the points (u, v) (shape-normalised coordinates) lie in each image's shape."""
-    r2 = u * u + v * v
-    s = shape[:, None, None]
-    # triangle: three half-planes n . p <= 0.5 with normals at 90, 210 and 330 degrees
-    c = math.sqrt(3) / 2
-    tri = (-v <= 0.5) & (c * u + 0.5 * v <= 0.5) & (-c * u + 0.5 * v <= 0.5)
-    cross = ((u.abs() <= 0.32) & (v.abs() <= 0.95)) | ((v.abs() <= 0.32) & (u.abs() <= 0.95))
-    return torch.where(
-        s == 0,
-        r2 <= 1.0,
-        torch.where(
-            s == 1,
-            torch.maximum(u.abs(), v.abs()) <= 0.8,
-            torch.where(s == 2, tri, torch.where(s == 3, (r2 <= 1.0) & (r2 >= 0.33), cross)),
-        ),
-    )
+def _inside(shape: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Whether the points (u, v) (shape-normalised coordinates) lie in shape ``SHAPES[shape]``."""
+    if shape == 0:  # disc
+        return u * u + v * v <= 1.0
+    if shape == 1:  # square
+        return torch.maximum(u.abs(), v.abs()) <= 0.8
+    if shape == 2:  # triangle: half-planes n . p <= 0.5, normals at 90, 210 and 330 degrees
+        c = math.sqrt(3) / 2
+        return (-v <= 0.5) & (c * u + 0.5 * v <= 0.5) & (-c * u + 0.5 * v <= 0.5)
+    if shape == 3:  # ring
+        r2 = u * u + v * v
+        return (r2 <= 1.0) & (r2 >= 0.33)
+    au, av = u.abs(), v.abs()  # cross
+    return ((au <= 0.32) & (av <= 0.95)) | ((av <= 0.32) & (au <= 0.95))
 
 
 def render_proc_cifar(
@@ -83,7 +82,11 @@ def render_proc_cifar(
     cos, sin = torch.cos(p["angle"]), torch.sin(p["angle"])
     u = (cos * dx + sin * dy) / p["scale"]
     v = (-sin * dx + cos * dy) / p["scale"]
-    alpha = _inside(torch.div(labels, 2, rounding_mode="floor"), u, v).to(torch.float32)
+    shapes = torch.div(labels, 2, rounding_mode="floor")
+    alpha = torch.empty((n, side, side))
+    for k in range(len(SHAPES)):  # each image evaluates only its own shape
+        sel = shapes == k
+        alpha[sel] = _inside(k, u[sel], v[sel]).to(torch.float32)
     alpha = avg_pool2d(alpha[:, None], 2)  # (n, 1, S, S) antialiased coverage
     flat = {k: t.reshape(n) for k, t in p.items()}
     fg = _hsv_to_rgb(flat["hue"] % 1.0, flat["sat"], flat["val"])[:, :, None, None]
@@ -130,6 +133,7 @@ class ProcCIFAR(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.cache = bool(cache)
         self._cached: torch.Tensor | None = None
         self._done: np.ndarray | None = None
+        self._bank: torch.Tensor | None = None  # (NOISE_BANK, 3, S * S) noise fields
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -173,12 +177,29 @@ class ProcCIFAR(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def _render(self, idx: np.ndarray) -> torch.Tensor:
         params = {k: torch.from_numpy(v) for k, v in self.params_of(idx).items()}
-        pixels = 3 * self.image_size**2
-        cells = idx[:, None] * pixels + np.arange(pixels)[None, :]  # one hash per pixel
-        noise = 2.0 * _hash_uniform(self._key, cells, len(_PARAMS)) - 1.0
-        field = torch.from_numpy(noise.astype(np.float32)).reshape(-1, *self.image_shape)
         labels = torch.from_numpy(idx % NUM_CLASSES)
-        return render_proc_cifar(labels, params, field, self.image_size)
+        return render_proc_cifar(labels, params, self._noise_of(idx), self.image_size)
+
+    def _noise_of(self, idx: np.ndarray) -> torch.Tensor:
+        """Per-image noise in [-1, 1]: one of ``NOISE_BANK`` hashed fields, rolled by a hashed
+        offset and sign-flipped by a hashed bit (cheap, and still a pure function of the index)."""
+        side = self.image_size
+        if self._bank is None:
+            cells = np.arange(NOISE_BANK * 3 * side * side)
+            bank = 2.0 * _hash_uniform(self._key, cells, len(_PARAMS)) - 1.0
+            self._bank = torch.from_numpy(bank.astype(np.float32)).reshape(NOISE_BANK, 3, -1)
+        h = [_hash_uniform(self._key, idx, len(_PARAMS) + 1 + i) for i in range(4)]
+        k, dy, dx = (
+            torch.from_numpy((u * m).astype(np.int64))
+            for u, m in zip(h, (NOISE_BANK, side, side), strict=False)
+        )
+        sign = torch.from_numpy(np.where(h[3] < 0.5, -1.0, 1.0).astype(np.float32))
+        grid = torch.arange(side)
+        rows = (grid[None, :] + dy[:, None]) % side  # (n, S)
+        cols = (grid[None, :] + dx[:, None]) % side
+        flat = (rows[:, :, None] * side + cols[:, None, :]).reshape(len(idx), 1, -1)
+        noise = self._bank[k].gather(2, flat.expand(-1, 3, -1))
+        return (noise * sign[:, None, None]).reshape(len(idx), *self.image_shape)
 
     def images_u8_of(self, indices: IndexLike) -> torch.Tensor:
         """Render images as uint8 (n, 3, S, S) (from the cache when on)."""
