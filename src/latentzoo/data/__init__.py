@@ -1,5 +1,6 @@
 from latentzoo.data.ground_truth import FactorSubset, GroundTruthDataModule
 from latentzoo.data.images import (
+    CIFAR10DataModule,
     ImageFolderDataModule,
     ProcBlobsDataModule,
     WebDatasetDataModule,
@@ -20,7 +21,6 @@ __all__ = [
 
 # labelled image sets (torchvision MNIST/FashionMNIST/CIFAR/SVHN, ImageNet32, sk digits, proc_cifar)
 from latentzoo.data.labelled import (  # noqa: E402
-    CIFAR10DataModule,
     ImageNet32DataModule,
     ProcCIFARDataModule,
     SklearnDigitsDataModule,
