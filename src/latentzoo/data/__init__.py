@@ -18,3 +18,18 @@ __all__ = [
     "SequenceDataModule",
     "WebDatasetDataModule",
 ]
+
+# labelled image sets (torchvision MNIST/FashionMNIST/CIFAR/SVHN, ImageNet32, sk digits, proc_cifar)
+from latentzoo.data.labelled import (  # noqa: E402
+    ImageNet32DataModule,
+    ProcCIFARDataModule,
+    SklearnDigitsDataModule,
+    TorchvisionDataModule,
+)
+
+__all__ += [
+    "ImageNet32DataModule",
+    "ProcCIFARDataModule",
+    "SklearnDigitsDataModule",
+    "TorchvisionDataModule",
+]

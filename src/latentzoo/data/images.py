@@ -1,5 +1,5 @@
-"""DataModules for (optionally labelled) image sets: procedural blobs, image folders, webdataset
-shards and CIFAR-10.
+"""DataModules for (optionally labelled) image sets: procedural blobs, image folders and webdataset
+shards (CIFAR-10 and the other labelled sets live in :mod:`latentzoo.data.labelled`).
 
 Every loader yields ``(images float32 [B, C, H, W] in [0, 1], labels int64 [B])`` (zeros when
 unlabelled); modules expose ``image_shape`` and ``num_classes`` (0 when unlabelled). Datasets
@@ -28,7 +28,6 @@ from latentzoo.utils.logging import RankedLogger
 log = RankedLogger(__name__, rank_zero_only=True)
 
 __all__ = [
-    "CIFAR10DataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
     "ProcBlobsDataModule",
@@ -465,82 +464,10 @@ class WebDatasetDataModule(ImageDataModule):
         }
 
 
-class _TorchvisionImages(Dataset):
-    """A torchvision dataset with uint8 arrays (CIFAR-style ``.data``/``.targets``)."""
+def __getattr__(name: str) -> Any:
+    # CIFAR-10 moved to latentzoo.data.labelled (TorchvisionDataModule); kept importable here.
+    if name == "CIFAR10DataModule":
+        from latentzoo.data.labelled import CIFAR10DataModule
 
-    def __init__(self, data: Any, targets: Sequence[int], image_size: int) -> None:
-        self.data = torch.as_tensor(data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW uint8
-        self.targets = torch.as_tensor(targets, dtype=torch.int64)
-        if image_size != self.data.shape[-1]:
-            from torch.nn.functional import interpolate
-
-            resized = interpolate(
-                self.data.float(), size=image_size, mode="bicubic", antialias=True
-            )
-            self.data = resized.round().clamp(0, 255).to(torch.uint8)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data[index], self.targets[index]
-
-
-class CIFAR10DataModule(ImageDataModule):
-    """CIFAR-10 via torchvision: train 50k; test 10k; val = the first ``val_size`` test images."""
-
-    URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-
-    def __init__(
-        self,
-        root: str,
-        image_size: int = 32,
-        download: bool = False,
-        val_size: int = 1000,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.setdefault("name", "cifar10")
-        kwargs.setdefault("image_shape", [3, image_size, image_size])
-        kwargs.setdefault("num_classes", 10)
-        super().__init__(**kwargs)
-        self.root = Path(root)
-        self.download = download
-        self.val_size = val_size
-
-    def _error(self, reason: str | None = None) -> DatasetNotFoundError:
-        return DatasetNotFoundError(
-            "CIFAR-10",
-            self.root / "cifar-10-batches-py",
-            expected="cifar-10-batches-py/ (data_batch_1..5, test_batch; 163 MB)",
-            source=self.URL,
-            download_override="data.download=true",
-            reason=reason,
-        )
-
-    def prepare_data(self) -> None:
-        if self.download:
-            from torchvision.datasets import CIFAR10
-
-            try:
-                CIFAR10(str(self.root), train=True, download=True)
-            except Exception as error:  # offline, proxy, checksum
-                raise self._error(f"download failed: {error}") from error
-
-    def build(self) -> dict[str, Dataset]:
-        from torchvision.datasets import CIFAR10
-
-        if not (self.root / "cifar-10-batches-py").is_dir():
-            self.prepare_data()
-            if not (self.root / "cifar-10-batches-py").is_dir():
-                raise self._error()
-        train = CIFAR10(str(self.root), train=True, download=False)
-        test = CIFAR10(str(self.root), train=False, download=False)
-        out = {
-            "train": _TorchvisionImages(train.data, train.targets, self.image_size),
-            "test": _TorchvisionImages(test.data, test.targets, self.image_size),
-        }
-        out["val"] = Subset(out["test"], range(min(self.val_size, len(out["test"]))))
-        return out
-
-    def reference_info(self, split: str = "train") -> dict[str, Any]:
-        return {**super().reference_info(split), "root": str(self.root.resolve())}
+        return CIFAR10DataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

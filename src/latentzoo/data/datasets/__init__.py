@@ -60,3 +60,7 @@ __all__ += [
     "ProcDigitsSequences",
     "SequenceDataset",
 ]
+
+from latentzoo.data.datasets.proc_cifar import ProcCIFAR  # noqa: E402
+
+__all__ += ["ProcCIFAR"]
