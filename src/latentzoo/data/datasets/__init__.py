@@ -60,3 +60,7 @@ __all__ += [
     "ProcDigitsSequences",
     "SequenceDataset",
 ]
+
+from latentzoo.data.datasets.proc_multishapes import ProcMultiShapes  # noqa: E402
+
+__all__ += ["ProcMultiShapes"]
