@@ -43,3 +43,24 @@ def test_datamodule_splits_are_disjoint_ranges() -> None:
     x, _ = next(iter(dm.val_dataloader()))
     assert x.shape == (4, 3, 64, 64)
     assert torch.equal(x[0], ProcMultiShapes(40, 64, 0).get_batch([16])[0][0])
+
+
+def test_real_dlp_data_fail_clearly(tmp_path) -> None:
+    import numpy as np
+    import pytest
+
+    from latentzoo.data.datasets.errors import DatasetNotFoundError
+    from latentzoo.data.multishapes import CelebAMAFLDataModule, CLEVRERFramesDataModule
+    from latentzoo.utils.errors import LatentzooError
+
+    with pytest.raises(LatentzooError, match="not available yet"):
+        CelebAMAFLDataModule(root=str(tmp_path)).setup()
+    path = tmp_path / "frames.npy"
+    with pytest.raises(DatasetNotFoundError, match="frames.npy"):
+        CLEVRERFramesDataModule(path=str(path), source="x").setup()
+    np.save(path, np.full((10, 128, 128, 3), 255, dtype=np.uint8))
+    dm = CLEVRERFramesDataModule(path=str(path), batch_size=2)
+    dm.setup()
+    assert len(dm.datasets["train"]) == 9 and len(dm.datasets["val"]) == 1
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 128, 128) and float(x.min()) == 1.0

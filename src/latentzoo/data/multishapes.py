@@ -61,7 +61,7 @@ class _Frames(Dataset):
         return self.stop - self.start
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        frame = torch.from_numpy(np.ascontiguousarray(self.frames[self.start + index]))
+        frame = torch.from_numpy(np.array(self.frames[self.start + index]))  # a copy: memmap
         return frame.permute(2, 0, 1), torch.tensor(0)
 
 

@@ -264,7 +264,8 @@ class DeepLatentParticles(LatentModel):
             return out
         feat_bg = torch.cat([feat[:, : self.k].detach(), feat[:, self.k :]], 1)
         bg = self.decoder(pos_all, feat_bg, gmaps, fg_masks, bg_mask, heatmaps)
-        placed = place_glimpses(glimpses, z.detach(), self.hparams.anchor_s, self.image_size)
+        # placed at z (not detached): the affine grid passes gradients to the positions
+        placed = place_glimpses(glimpses, z, self.hparams.anchor_s, self.image_size)
         alpha = placed[:, :, :1] * obj_on[..., None, None, None]  # [B, K, 1, H, W]
         if self.training and self._epoch() < 5 * self.warmup_epoch:  # noisy masks
             noise = self.sigma * torch.randn_like(alpha) * (alpha > 0.1)
@@ -308,7 +309,7 @@ class DeepLatentParticles(LatentModel):
             b = x.shape[0]
             crops = crop_glimpses(x, out["z"].detach(), self.hparams.anchor_s, self.glimpse)
             rgb = out["glimpses"][:, :, 1:].reshape(b * self.k, *crops.shape[1:])
-            rec_loss = self._rec_loss(rgb, crops) * self.k
+            rec_loss = self._rec_loss(rgb, crops) * self.k  # per image: summed over glimpses
         else:
             rec_loss = self._rec_loss(out["rec"], x)
         loss = self.beta_rec * rec_loss + self.beta_kl * (kl_kp + self.kl_balance * kl_feat)
