@@ -205,3 +205,23 @@ def test_fid_is_refused_with_a_reason() -> None:
     model = DeepLatentParticles(**SHAPES64)
     with pytest.raises(MissingCapabilityError, match="sample"):
         require_capabilities(model, ("sample",), "fid")
+
+
+def test_masked_model_without_object_encoder() -> None:
+    torch.manual_seed(0)
+    cfg = {**SHAPES64, "use_object_dec": False, "use_object_enc": False}
+    model = DeepLatentParticles(**cfg).eval()
+    out = model(torch.rand(2, 3, 64, 64))
+    assert out["rec"].shape == (2, 3, 64, 64) and out["feat_mu"].shape == (2, 5, 6)
+    assert model.decoder.cnn[1][0].in_channels == 3 * 4  # g_fg, PointNet maps, bg maps
+
+
+def test_draw_keypoints_colours_by_confidence() -> None:
+    from latentzoo.callbacks.keypoints import draw_keypoints
+
+    images = torch.zeros(1, 3, 9, 9)
+    mu = torch.tensor([[[-1.0, -1.0], [1.0, 1.0]]])  # top-left, bottom-right corners
+    out = draw_keypoints(images, mu, torch.tensor([[0.0, 5.0]]), radius=0)
+    assert out[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.2, 1.0])  # least confident: blue
+    assert out[0, :, 8, 8].tolist() == pytest.approx([1.0, 0.2, 0.0])  # most confident: red
+    assert out[0, :, 4, 4].abs().sum() == 0 and images.abs().sum() == 0  # input untouched
