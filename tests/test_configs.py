@@ -61,6 +61,7 @@ MODEL_DATA = {
     "kl_autoencoder": ("factors", "images"),
     "latent_fm": ("images", "latents"),
     "latent_flow": ("sequences",),
+    "dlp": ("images",),
 }
 SMALL_FACTORS = ["data.dataset.size=small", "data.val_size=8", "data.test_size=8"]
 OFFLINE_BUILDS = {
@@ -84,6 +85,18 @@ OFFLINE_BUILDS = {
         )
     ],
     "latent_flow": [("proc_dsprites_seq", []), ("proc_digits_seq", [])],
+    "dlp": [
+        (
+            "proc_multishapes",
+            [
+                "data.num_train=16",
+                "data.batch_size=4",
+                "model.n_kp=4",
+                "model.n_kp_prior=6",
+                "model.enc_channels=[8,16,16]",
+            ],
+        )
+    ],
 }
 
 

@@ -1,11 +1,13 @@
 from latentzoo.callbacks.fid import FIDCallback
 from latentzoo.callbacks.flow_paths import FlowPaths
 from latentzoo.callbacks.images import LatentTraversalGrid, ReconstructionGrid, SampleGrid
+from latentzoo.callbacks.keypoints import KeypointOverlay
 from latentzoo.callbacks.run_info import LossReport, ResumeReport
 
 __all__ = [
     "FIDCallback",
     "FlowPaths",
+    "KeypointOverlay",
     "LatentTraversalGrid",
     "LossReport",
     "ReconstructionGrid",

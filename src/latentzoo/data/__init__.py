@@ -6,9 +6,17 @@ from latentzoo.data.images import (
     WebDatasetDataModule,
 )
 from latentzoo.data.latents import LatentsDataModule
+from latentzoo.data.multishapes import (
+    CelebAMAFLDataModule,
+    CLEVRERFramesDataModule,
+    ProcMultiShapesDataModule,
+)
 from latentzoo.data.sequences import SequenceDataModule
 
 __all__ = [
+    "CLEVRERFramesDataModule",
+    "CelebAMAFLDataModule",
+    "ProcMultiShapesDataModule",
     "CIFAR10DataModule",
     "FactorSubset",
     "GroundTruthDataModule",

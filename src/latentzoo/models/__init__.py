@@ -1,6 +1,7 @@
 from latentzoo.models.base import LatentModel
 from latentzoo.models.beta_tcvae import BetaTCVAE
 from latentzoo.models.beta_vae import BetaVAE
+from latentzoo.models.dlp import DeepLatentParticles
 from latentzoo.models.factor_vae import FactorVAE
 from latentzoo.models.kl_autoencoder import KLAutoencoder
 from latentzoo.models.latent_flow import LatentFlow
@@ -10,6 +11,7 @@ from latentzoo.models.lie_vae import LieVAE
 __all__ = [
     "BetaTCVAE",
     "BetaVAE",
+    "DeepLatentParticles",
     "FactorVAE",
     "KLAutoencoder",
     "LatentFlow",

@@ -61,6 +61,8 @@ __all__ += [
     "SequenceDataset",
 ]
 
+# procedural labelled / multi-object images
 from latentzoo.data.datasets.proc_cifar import ProcCIFAR  # noqa: E402
+from latentzoo.data.datasets.proc_multishapes import ProcMultiShapes  # noqa: E402
 
-__all__ += ["ProcCIFAR"]
+__all__ += ["ProcCIFAR", "ProcMultiShapes"]
