@@ -203,7 +203,7 @@ def test_fid_is_refused_with_a_reason() -> None:
     from latentzoo.utils.errors import MissingCapabilityError
 
     model = DeepLatentParticles(**SHAPES64)
-    with pytest.raises(MissingCapabilityError, match="sample"):
+    with pytest.raises(MissingCapabilityError, match="sample.*conditioned on an image"):
         require_capabilities(model, ("sample",), "fid")
 
 

@@ -189,12 +189,14 @@ class _GridCallback(L.Callback):
 
 
 class ReconstructionGrid(_GridCallback):
-    """Top row: validation images; bottom row: their reconstructions (decode of encode)."""
+    """Top row: validation images; bottom row: their reconstructions (``model.reconstruct``, else
+    decode of encode)."""
 
     name = "reconstructions"
 
     def draw(self, model: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
-        reconstructions = model.decode(model.encode(images))
+        reconstruct = getattr(model, "reconstruct", None)
+        reconstructions = reconstruct(images) if reconstruct else model.decode(model.encode(images))
         return make_grid(torch.cat([images, reconstructions]), nrow=len(images), pad_value=0.5)
 
 

@@ -106,6 +106,8 @@ class DeepLatentParticles(LatentModel):
     -Σ log σ² [B, K]), ``reconstruct`` (images in [0, 1]).
     """
 
+    capability_notes = {"sample": "the keypoint prior is conditioned on an image (no free prior)"}
+
     def __init__(
         self,
         image_shape: list[int],
