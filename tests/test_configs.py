@@ -61,6 +61,7 @@ MODEL_DATA = {
     "kl_autoencoder": ("factors", "images"),
     "latent_fm": ("images", "latents"),
     "latent_flow": ("sequences",),
+    "nfpi": ("images",),
 }
 SMALL_FACTORS = ["data.dataset.size=small", "data.val_size=8", "data.test_size=8"]
 OFFLINE_BUILDS = {
@@ -84,6 +85,20 @@ OFFLINE_BUILDS = {
         )
     ],
     "latent_flow": [("proc_dsprites_seq", []), ("proc_digits_seq", [])],
+    "nfpi": [
+        (
+            "proc_blobs",
+            [
+                "data.image_size=32",
+                "data.num_classes=3",
+                "data.num_train=16",
+                "data.batch_size=8",
+                "model.flow.steps=[1,1,1]",
+                "model.flow.blocks=[1,1,1]",
+                "model.flow.hidden=8",
+            ],
+        )
+    ],
 }
 
 
