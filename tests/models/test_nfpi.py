@@ -89,7 +89,7 @@ def test_toy_flow_logdet_matches_jacobian() -> None:
     flow.data_init(x)
     _perturb(flow, 0.1)
     _, logdet = flow(x[:1])
-    assert abs(float(logdet[0]) - _jacobian_logdet(flow, x[:1])) < 1e-4
+    assert abs(float(logdet[0].detach()) - _jacobian_logdet(flow, x[:1])) < 1e-4
 
 
 def test_flow_roundtrip_after_data_init() -> None:
