@@ -20,7 +20,6 @@ temperature)``. Evaluation and sampling use the EMA weights once the EMA has bee
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -34,8 +33,9 @@ from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactor
 from latentzoo.models.ema import EMA
 from latentzoo.models.nets.glow import Glow
 from latentzoo.utils.errors import LatentzooError
+from latentzoo.utils.logging import RankedLogger
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__, rank_zero_only=True)
 
 FPI_METHODS = ("nf_kld", "moments", "data_init")
 
