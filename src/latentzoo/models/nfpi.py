@@ -242,26 +242,32 @@ class NFPI(LatentModel):
         return torch.floor(256 * (y + 1) / 2).clamp(0, 255) / 255
 
     # ------------------------------------------------------------ prior and likelihood (§5)
-    def class_log_likelihoods(self, z: torch.Tensor) -> torch.Tensor:
-        """log N(z; μ_c, diag v_c) for every class, (B, C), via matmuls (no (B, C, D) tensor)."""
+    def class_log_likelihoods(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """log N(z; μ_c, diag v_c): for the labels ``y`` (B,), or for every class (B, C).
+
+        (z − μ)²/v is formed directly, one class at a time: expanding it into matmuls loses
+        float32 precision when some variances are tiny (constant border pixels)."""
         z = z.flatten(1).float()
-        inv = 1 / self.prior_var
-        quad = (z**2) @ inv.T - 2 * z @ (self.prior_mu * inv).T + (self.prior_mu**2 * inv).sum(1)
         const = torch.log(self.prior_var).sum(1) + self.dims * math.log(2 * math.pi)
+        if y is not None:
+            y = y.long().to(z.device)
+            quad = ((z - self.prior_mu[y]) ** 2 / self.prior_var[y]).sum(1)
+            return -0.5 * (quad + const[y])
+        pairs = zip(self.prior_mu, self.prior_var, strict=True)
+        quad = torch.stack([((z - mu) ** 2 / var).sum(1) for mu, var in pairs], 1)
         return -0.5 * (quad + const)
 
     def _nll(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image NLL in nats: (conditional on y, or marginal if y is None; marginal)."""
+        """Per-image NLL in nats: (conditional on y, or marginal if y is None; marginal).
+        The marginal carries no gradient when ``y`` is given (it is only logged)."""
         z, logdet = self.flow(self.preprocess(x))
-        per_class = self.class_log_likelihoods(z)
         shift = logdet - self.dims * math.log(128)
-        marginal = torch.logsumexp(per_class, 1) - math.log(self.num_classes) + shift
-        cond = (
-            per_class.gather(1, y.long().view(-1, 1)).squeeze(1) + shift
-            if y is not None
-            else marginal
-        )
-        return -cond, -marginal
+        with torch.no_grad() if y is not None else nullcontext():
+            per_class = self.class_log_likelihoods(z)
+            marginal = torch.logsumexp(per_class, 1) - math.log(self.num_classes) + shift
+        if y is None:
+            return -marginal, -marginal
+        return -(self.class_log_likelihoods(z, y) + shift), -marginal
 
     @torch.no_grad()
     def log_prob(
