@@ -62,6 +62,7 @@ MODEL_DATA = {
     "latent_fm": ("images", "latents"),
     "latent_flow": ("sequences",),
     "dlp": ("images",),
+    "nfpi": ("images",),
 }
 SMALL_FACTORS = ["data.dataset.size=small", "data.val_size=8", "data.test_size=8"]
 OFFLINE_BUILDS = {
@@ -94,6 +95,20 @@ OFFLINE_BUILDS = {
                 "model.n_kp=4",
                 "model.n_kp_prior=6",
                 "model.enc_channels=[8,16,16]",
+            ],
+        )
+    ],
+    "nfpi": [
+        (
+            "proc_blobs",
+            [
+                "data.image_size=32",
+                "data.num_classes=3",
+                "data.num_train=16",
+                "data.batch_size=8",
+                "model.flow.steps=[1,1,1]",
+                "model.flow.blocks=[1,1,1]",
+                "model.flow.hidden=8",
             ],
         )
     ],

@@ -7,6 +7,7 @@ from latentzoo.models.kl_autoencoder import KLAutoencoder
 from latentzoo.models.latent_flow import LatentFlow
 from latentzoo.models.latent_fm import LatentFlowMatching
 from latentzoo.models.lie_vae import LieVAE
+from latentzoo.models.nfpi import NFPI
 
 __all__ = [
     "BetaTCVAE",
@@ -18,4 +19,5 @@ __all__ = [
     "LatentFlowMatching",
     "LatentModel",
     "LieVAE",
+    "NFPI",
 ]

@@ -5,7 +5,8 @@
 With ``warmup=True`` the decay of update n is min(decay, (1 + n) / (10 + n)), as TensorFlow's
 ``ExponentialMovingAverage(num_updates=...)``: early updates follow the raw weights, so short
 runs do not sample from an average still dominated by the initialisation (DiT's zero-initialised
-gates make such an average nearly silent). DiT / LFM use a fixed decay (the default).
+gates make such an average nearly silent). DiT / LFM use a fixed decay (the default). With
+``power=p`` (ema-pytorch's schedule, NFPI: p = 0.75) it is min(decay, 1 − (1 + n)^(−p)).
 
 The EMA is a plain object, not a submodule, so the optimizer never sees it and the Lightning
 ``state_dict`` holds the raw weights; the model stores ``EMA.state_dict()`` in the checkpoint
@@ -26,11 +27,18 @@ from torch import nn
 class EMA:
     """Shadow copy of ``module``'s floating-point parameters and buffers."""
 
-    def __init__(self, module: nn.Module, decay: float = 0.9999, warmup: bool = False) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        decay: float = 0.9999,
+        warmup: bool = False,
+        power: float | None = None,
+    ) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
         self.warmup = warmup
+        self.power = power
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] = {
             name: value.detach().clone()
@@ -55,6 +63,8 @@ class EMA:
 
     def current_decay(self) -> float:
         """The decay of the next update (see the module docstring for ``warmup``)."""
+        if self.power is not None:
+            return min(self.decay, 1.0 - (1.0 + self.num_updates) ** (-self.power))
         if not self.warmup:
             return self.decay
         return min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
