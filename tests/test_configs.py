@@ -61,6 +61,7 @@ MODEL_DATA = {
     "kl_autoencoder": ("factors", "images"),
     "latent_fm": ("images", "latents"),
     "latent_flow": ("sequences",),
+    "soft_intro_vae": ("images",),
 }
 SMALL_FACTORS = ["data.dataset.size=small", "data.val_size=8", "data.test_size=8"]
 OFFLINE_BUILDS = {
@@ -84,6 +85,19 @@ OFFLINE_BUILDS = {
         )
     ],
     "latent_flow": [("proc_dsprites_seq", []), ("proc_digits_seq", [])],
+    "soft_intro_vae": [
+        (
+            "proc_blobs",
+            [
+                "data.image_size=32",
+                "data.num_train=16",
+                "data.batch_size=8",
+                "model.beta_neg=256",
+                "model.channels=[8,16,32]",
+                "model.latent_dim=8",
+            ],
+        )
+    ],
 }
 
 

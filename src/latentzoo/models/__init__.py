@@ -6,6 +6,7 @@ from latentzoo.models.kl_autoencoder import KLAutoencoder
 from latentzoo.models.latent_flow import LatentFlow
 from latentzoo.models.latent_fm import LatentFlowMatching
 from latentzoo.models.lie_vae import LieVAE
+from latentzoo.models.soft_intro_vae import SoftIntroVAE
 
 __all__ = [
     "BetaTCVAE",
@@ -16,4 +17,5 @@ __all__ = [
     "LatentFlowMatching",
     "LatentModel",
     "LieVAE",
+    "SoftIntroVAE",
 ]
