@@ -63,6 +63,7 @@ MODEL_DATA = {
     "latent_flow": ("sequences",),
     "dlp": ("images",),
     "nfpi": ("images",),
+    "soft_intro_vae": ("images",),
 }
 SMALL_FACTORS = ["data.dataset.size=small", "data.val_size=8", "data.test_size=8"]
 OFFLINE_BUILDS = {
@@ -109,6 +110,20 @@ OFFLINE_BUILDS = {
                 "model.flow.steps=[1,1,1]",
                 "model.flow.blocks=[1,1,1]",
                 "model.flow.hidden=8",
+            ],
+        )
+    ],
+    "soft_intro_vae": [
+        (
+            "proc_cifar",
+            [
+                "data.num_train=16",
+                "data.num_test=16",
+                "data.val_size=8",
+                "data.batch_size=8",
+                "model.beta_neg=256",
+                "model.channels=[8,16,32]",
+                "model.latent_dim=8",
             ],
         )
     ],

@@ -8,6 +8,7 @@ from latentzoo.models.latent_flow import LatentFlow
 from latentzoo.models.latent_fm import LatentFlowMatching
 from latentzoo.models.lie_vae import LieVAE
 from latentzoo.models.nfpi import NFPI
+from latentzoo.models.soft_intro_vae import SoftIntroVAE
 
 __all__ = [
     "BetaTCVAE",
@@ -20,4 +21,5 @@ __all__ = [
     "LatentModel",
     "LieVAE",
     "NFPI",
+    "SoftIntroVAE",
 ]
