@@ -80,6 +80,12 @@ def test_fid_self_zero_and_shift_matches_numpy_closed_form() -> None:
         previous = fid
 
 
+def test_grey_images_are_scored_as_their_rgb_copies() -> None:
+    grey = _images(40, seed=1)[:, :1]
+    metrics = GenerativeMetrics(extractor="tiny", kid=False)
+    assert torch.equal(metrics.features(grey), metrics.features(grey.repeat(1, 3, 1, 1)))
+
+
 def test_kid_zero_for_identical_positive_for_shifted_and_clear_subset_error() -> None:
     torch.manual_seed(0)  # torchmetrics draws the KID subsets from the global RNG
     real, other = _images(200, seed=0), _images(200, seed=1)  # two samples of one distribution

@@ -386,7 +386,10 @@ class GenerativeMetrics:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (or [0, 1] float) images -> features on ``device``, TF32 off, eval mode."""
+        """uint8 (or [0, 1] float) images -> features on ``device``, TF32 off, eval mode.
+        Grey images (MNIST) are repeated to RGB, as Inception expects three channels."""
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
         with _no_tf32():
             return self.extractor(to_uint8(images).to(self.device)).double()
 
