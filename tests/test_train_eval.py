@@ -42,6 +42,14 @@ def test_run_dir_has_checkpoints_images_and_logs(trained_run: Path) -> None:
     assert list((trained_run / "csv").rglob("metrics.csv"))
 
 
+def test_last_checkpoint_holds_the_final_step_between_validations(tmp_path: Path) -> None:
+    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    cfg = compose_config("train", [*overrides, "trainer.max_steps=5", "test=false"], tmp_path)
+    train(cfg)  # validation at steps 2 and 4 only
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 5
+
+
 def test_checkpoint_carries_resolved_config(trained_run: Path) -> None:
     checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
     config = checkpoint["latentzoo"]["config"]

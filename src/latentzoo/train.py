@@ -5,6 +5,7 @@ Entry points: ``python train.py ...`` in the repo, or the ``latentzoo-train`` co
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -74,6 +75,7 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     if cfg.get("train"):
         log.info("Starting training")
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        save_final_last(trainer)
     train_metrics = dict(trainer.callback_metrics)
 
     test_metrics: dict[str, Any] = {}
@@ -88,6 +90,21 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     final = {**record.logged.metrics, **train_metrics, **test_metrics}
     metrics = {key: float(value) for key, value in final.items()}
     return metrics, objects
+
+
+def save_final_last(trainer: L.Trainer) -> None:
+    """Rewrite ``last.ckpt`` after fit when it is older than the final step.
+
+    ModelCheckpoint writes it at validation, so a run whose ``max_steps`` ends between two
+    validations would otherwise lose its final steps."""
+    callback = trainer.checkpoint_callback
+    if callback is None or not callback.save_last or not callback.dirpath:
+        return
+    if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
+        return
+    last = Path(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+    trainer.save_checkpoint(last)
+    callback.last_model_path = str(last)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train.yaml")
