@@ -260,10 +260,13 @@ class ProcDigitsDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         cache: bool = True,
+        num_classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
         if tuple(image_shape) != ProcDigits.image_shape:
             raise ValueError(f"proc_digits images are {list(ProcDigits.image_shape)}")
+        if num_classes != NUM_CLASSES:  # a key so that configs can read ${data.num_classes}
+            raise ValueError(f"proc_digits has {NUM_CLASSES} classes, not {num_classes}")
         self.image_shape = tuple(image_shape)
         self.train_set = ProcDigits("train", seed, cache=cache)
         self.test_set = ProcDigits("test", seed, cache=cache)
