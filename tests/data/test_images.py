@@ -18,11 +18,11 @@ from latentzoo.data.datasets.errors import DatasetNotFoundError
 from latentzoo.data.datasets.proc_blobs import ProcBlobs
 from latentzoo.data.datasets.webdataset_images import image_pipeline
 from latentzoo.data.images import (
-    CIFAR10DataModule,
     ImageFolderDataModule,
     ProcBlobsDataModule,
     WebDatasetDataModule,
 )
+from latentzoo.data.labelled import CIFAR10DataModule
 from tests.conftest import compose_config
 
 

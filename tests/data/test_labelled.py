@@ -15,7 +15,6 @@ import torch
 
 from latentzoo.data.datasets.errors import DatasetNotFoundError
 from latentzoo.data.datasets.proc_cifar import ProcCIFAR
-from latentzoo.data.images import CIFAR10DataModule as LegacyCIFAR10
 from latentzoo.data.labelled import (
     CIFAR10DataModule,
     ImageNet32DataModule,
@@ -110,7 +109,6 @@ def test_cifar10_shapes_labels_items_per_class_and_flip(tmp_path: Path, no_md5: 
     again = TorchvisionDataModule(root=str(tmp_path / "c10"), items_per_class=3, subset_seed=1)
     again.setup()
     assert not torch.equal(again.datasets["train"].indices, sub.datasets["train"].indices)
-    assert LegacyCIFAR10 is CIFAR10DataModule
 
 
 def test_nfpi_cifar_augment_changes_train_not_test(tmp_path: Path, no_md5: None) -> None:

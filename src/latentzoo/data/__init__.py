@@ -1,9 +1,21 @@
-from latentzoo.data.ground_truth import FactorSubset, GroundTruthDataModule
+"""DataModules: ground-truth factor sets, sequences, image sets (procedural, folders, shards,
+torchvision), multi-object scenes and cached latents."""
+
+from latentzoo.data.ground_truth import (
+    FactorSubset,
+    GroundTruthDataModule,
+)
 from latentzoo.data.images import (
-    CIFAR10DataModule,
     ImageFolderDataModule,
     ProcBlobsDataModule,
     WebDatasetDataModule,
+)
+from latentzoo.data.labelled import (
+    CIFAR10DataModule,
+    ImageNet32DataModule,
+    ProcCIFARDataModule,
+    SklearnDigitsDataModule,
+    TorchvisionDataModule,
 )
 from latentzoo.data.latents import LatentsDataModule
 from latentzoo.data.multishapes import (
@@ -14,30 +26,19 @@ from latentzoo.data.multishapes import (
 from latentzoo.data.sequences import SequenceDataModule
 
 __all__ = [
+    "CIFAR10DataModule",
     "CLEVRERFramesDataModule",
     "CelebAMAFLDataModule",
-    "ProcMultiShapesDataModule",
-    "CIFAR10DataModule",
     "FactorSubset",
     "GroundTruthDataModule",
     "ImageFolderDataModule",
+    "ImageNet32DataModule",
     "LatentsDataModule",
     "ProcBlobsDataModule",
-    "SequenceDataModule",
-    "WebDatasetDataModule",
-]
-
-# labelled image sets (torchvision MNIST/FashionMNIST/CIFAR/SVHN, ImageNet32, sk digits, proc_cifar)
-from latentzoo.data.labelled import (  # noqa: E402
-    ImageNet32DataModule,
-    ProcCIFARDataModule,
-    SklearnDigitsDataModule,
-    TorchvisionDataModule,
-)
-
-__all__ += [
-    "ImageNet32DataModule",
     "ProcCIFARDataModule",
+    "ProcMultiShapesDataModule",
+    "SequenceDataModule",
     "SklearnDigitsDataModule",
     "TorchvisionDataModule",
+    "WebDatasetDataModule",
 ]

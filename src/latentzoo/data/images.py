@@ -463,11 +463,3 @@ class WebDatasetDataModule(ImageDataModule):
             "interpolation": self.interpolation,
         }
 
-
-def __getattr__(name: str) -> Any:
-    # CIFAR-10 moved to latentzoo.data.labelled (TorchvisionDataModule); kept importable here.
-    if name == "CIFAR10DataModule":
-        from latentzoo.data.labelled import CIFAR10DataModule
-
-        return CIFAR10DataModule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
