@@ -26,6 +26,7 @@ from latentzoo.utils import (
     task_wrapper,
 )
 from latentzoo.utils.checkpoint import check_same_model, checkpoint_config, load_checkpoint
+from latentzoo.utils.distributed import resolve_batch_size
 from latentzoo.utils.entry import run_hydra_task
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -44,7 +45,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    data_cfg = cfg.data if cfg.get("data") else saved.data
+    data_cfg = resolve_batch_size(cfg.data if cfg.get("data") else saved.data, world_size=1)
     log.info(f"Instantiating datamodule <{data_cfg._target_}>")
     datamodule: L.LightningDataModule = hydra.utils.instantiate(data_cfg)
     log.info(f"Instantiating model <{saved.model._target_}> from {cfg.ckpt_path}")

@@ -12,6 +12,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from latentzoo.callbacks.randomness import TrainingRandomness
 from latentzoo.callbacks.run_info import ResumeReport
 from latentzoo.paths import config_dir, setup_project_root
 from latentzoo.utils import (
@@ -29,6 +30,7 @@ from latentzoo.utils.checkpoint import (
     checkpoint_config,
     load_checkpoint,
 )
+from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision, strategy_for
 from latentzoo.utils.entry import run_hydra_task
 from latentzoo.utils.run_record import RunRecord, record_run
 
@@ -43,7 +45,8 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     Called as ``train(cfg)``: ``record_run`` supplies ``record`` and writes
     ``<output_dir>/metrics.json`` (final metrics, or the error of a failed run).
     """
-    if cfg.get("seed") is not None:
+    set_matmul_precision(cfg.get("float32_matmul_precision"))
+    if cfg.get("seed") is not None:  # the same initial weights on every rank
         L.seed_everything(cfg.seed, workers=True)
 
     ckpt_path = cfg.get("ckpt_path")
@@ -56,18 +59,24 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
         )
         del checkpoint
 
-    log.info(f"Instantiating datamodule <{cfg.data._target_}>")
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     log.info(f"Instantiating model <{cfg.model._target_}>")
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += [ConfigInCheckpoint(cfg), ResumeReport()]
+    if cfg.get("seed") is not None:  # then different training randomness on every rank
+        callbacks.append(TrainingRandomness(cfg.seed))
     # the last appended logger keeps callback-logged scores (e.g. disentanglement) for the record
     loggers = [*instantiate_loggers(cfg.get("logger")), record.logged]
+    strategy_for(cfg.trainer, model)
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     record.trainer = trainer
+
+    # the world size is known now, before any data is read
+    data_cfg = resolve_batch_size(cfg.data, trainer.world_size)
+    log.info(f"Instantiating datamodule <{cfg.data._target_}>")
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(data_cfg)
 
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
     log_hyperparameters(objects)

@@ -55,8 +55,7 @@ class ImageCollate:
 class ImageDataModule(L.LightningDataModule):
     """Shared loaders and bookkeeping; subclasses build ``self.datasets`` in :meth:`build`.
 
-    ``global_batch_size`` (when set) is divided by the world size at setup, as the paper
-    recipes state global batches; otherwise ``batch_size`` is per device.
+    ``batch_size`` is per device (train.py derives it from ``data.global_batch_size``).
     """
 
     def __init__(
@@ -65,7 +64,6 @@ class ImageDataModule(L.LightningDataModule):
         image_shape: Sequence[int],
         num_classes: int = 0,
         batch_size: int = 64,
-        global_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
         flip: bool = True,
@@ -75,7 +73,6 @@ class ImageDataModule(L.LightningDataModule):
         self.image_shape = tuple(int(x) for x in image_shape)
         self.num_classes = int(num_classes)
         self.batch_size = batch_size
-        self.global_batch_size = global_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.flip = flip
@@ -89,14 +86,6 @@ class ImageDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        if self.global_batch_size and self.trainer is not None:
-            world = self.trainer.world_size
-            if self.global_batch_size % world:
-                raise LatentzooError(
-                    f"data.global_batch_size={self.global_batch_size} is not divisible by the "
-                    f"world size {world}"
-                )
-            self.batch_size = self.global_batch_size // world
         if not self.datasets:
             self.datasets = self.build()
 

@@ -16,12 +16,20 @@ CHECKPOINT_KEY = "latentzoo"
 
 
 class ConfigInCheckpoint(L.Callback):
-    """Stores the resolved run config (model, data, trainer, seed, ...) in every checkpoint."""
+    """Stores the resolved run config (model, data, trainer, seed, ...) in every checkpoint.
+
+    Resolved at fit setup, after train.py has settled the per-device batch size."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self.config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        self.cfg = cfg
+        self.config: dict | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.config = OmegaConf.to_container(self.cfg, resolve=True, throw_on_missing=False)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self.config is None:
+            self.setup(trainer, pl_module, "fit")
         checkpoint[CHECKPOINT_KEY] = {"config": self.config}
 
 
