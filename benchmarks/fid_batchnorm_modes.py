@@ -20,6 +20,7 @@ from torch import nn
 
 from latentzoo.metrics.generative import FIDEvaluator
 from latentzoo.utils.checkpoint import checkpoint_config, load_checkpoint
+from latentzoo.utils.distributed import instantiate_datamodule
 
 
 class TrainModeBatchNorm(nn.Module):
@@ -53,7 +54,7 @@ def main() -> None:
     model = hydra.utils.instantiate(cfg.model)
     model.load_state_dict(checkpoint["state_dict"])
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate_datamodule(cfg.data)
 
     results = {
         "ckpt": str(args.ckpt),

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from latentzoo.paths import config_dir
+from latentzoo.utils.distributed import instantiate_datamodule
 from tests.conftest import TINY, compose_config
 
 CONFIGS = Path(config_dir())
@@ -159,7 +160,7 @@ def test_model_trains_on_offline_data(model: str, data: str, overrides: list, tm
     """The model and datamodule a config names build, and one batch gives a finite loss."""
     torch.manual_seed(0)
     cfg = compose_config("train", [f"model={model}", f"data={data}", *overrides], tmp_path)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate_datamodule(cfg.data)
     model_ = hydra.utils.instantiate(cfg.model)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from latentzoo.data.latents import FORMAT, MANIFEST
 from latentzoo.models.autoencoders.base import FirstStage
 from latentzoo.paths import config_dir, setup_project_root
+from latentzoo.utils.distributed import instantiate_datamodule
 from latentzoo.utils.entry import run_hydra_task
 from latentzoo.utils.errors import LatentzooError
 
@@ -178,7 +179,7 @@ def cache_latents(
 def run(cfg: DictConfig) -> dict[str, Any]:
     if OmegaConf.is_missing(cfg, "out"):
         raise LatentzooError("cache_latents needs an output folder: out=<folder>")
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate_datamodule(cfg.data)
     autoencoder: FirstStage = hydra.utils.instantiate(cfg.model.autoencoder)
     flip = getattr(datamodule, "random_flip", None) or getattr(datamodule, "hflip", None)
     if flip:

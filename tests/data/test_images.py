@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,7 @@ from latentzoo.data.images import (
     WebDatasetDataModule,
 )
 from latentzoo.data.labelled import CIFAR10DataModule
+from latentzoo.utils.distributed import instantiate_datamodule
 from tests.conftest import compose_config
 
 
@@ -218,7 +218,7 @@ def test_cifar10_missing_names_download_override(tmp_path: Path) -> None:
 )
 def test_image_configs_fail_with_a_clear_missing_data_error(name: str, tmp_path: Path) -> None:
     cfg = compose_config("train", [f"data={name}", f"paths.data_dir={tmp_path}/none"], tmp_path)
-    dm = hydra.utils.instantiate(cfg.data)
+    dm = instantiate_datamodule(cfg.data)
     assert dm.image_shape[0] == 3 and dm.num_classes == (
         1000 if name == "imagenet256" else 10 if name == "cifar10" else 0
     )
@@ -229,5 +229,5 @@ def test_image_configs_fail_with_a_clear_missing_data_error(name: str, tmp_path:
 
 def test_proc_blobs_config_composes_with_a_model(tmp_path: Path) -> None:
     cfg = compose_config("train", ["data=proc_blobs", "data.image_size=32"], tmp_path)
-    dm = hydra.utils.instantiate(cfg.data)
+    dm = instantiate_datamodule(cfg.data)
     assert dm.image_shape == (3, 32, 32) and list(cfg.data.image_shape) == [3, 32, 32]

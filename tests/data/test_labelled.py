@@ -8,7 +8,6 @@ import pickle
 import struct
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,7 @@ from latentzoo.data.labelled import (
     TorchvisionDataModule,
     make_augment,
 )
+from latentzoo.utils.distributed import instantiate_datamodule
 from tests.conftest import compose_config
 
 RNG = np.random.default_rng(0)
@@ -243,7 +243,7 @@ def test_proc_cifar_determinism_and_classes() -> None:
 )
 def test_configs_instantiate(name: str, shape: list[int], tmp_path: Path) -> None:
     cfg = compose_config("train", [f"data={name}", f"paths.data_dir={tmp_path}"], tmp_path)
-    dm = hydra.utils.instantiate(cfg.data)
+    dm = instantiate_datamodule(cfg.data)
     assert list(dm.image_shape) == shape == list(cfg.data.image_shape)
 
 
@@ -251,7 +251,7 @@ def test_mnist_config_pad_follows_resolution(tmp_path: Path) -> None:
     over = ["data=mnist", "data.pad=2", "data.resolution=32", "data.channels=3"]
     cfg = compose_config("train", over, tmp_path)
     assert list(cfg.data.image_shape) == [3, 32, 32]
-    assert hydra.utils.instantiate(cfg.data).image_shape == (3, 32, 32)
+    assert instantiate_datamodule(cfg.data).image_shape == (3, 32, 32)
     cfg = compose_config("train", ["data=celebahq256"], tmp_path)
     assert cfg.data.val_size == 1000 and cfg.data.image_size == 256
 

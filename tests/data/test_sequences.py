@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from latentzoo.data import SequenceDataModule
@@ -28,6 +27,7 @@ from latentzoo.data.datasets import (
     Shapes3D,
 )
 from latentzoo.data.datasets.sequences import affine_warp, hsv_to_rgb, hue_rotate, rgb_to_hsv
+from latentzoo.utils.distributed import instantiate_datamodule
 from tests.conftest import compose_config
 from tests.data.test_real_datasets import write_shapes3d
 
@@ -322,7 +322,7 @@ def test_mnist_sequences_from_raw_folder(tmp_path: Path) -> None:
     with open_dict(cfg):
         cfg.data.source.download = False
         cfg.data.batch_size = 4
-    dm = instantiate(cfg.data)
+    dm = instantiate_datamodule(cfg.data)
     assert dm.seq_len == 8 and dm.eval_seq_len == 7 and dm.image_shape == (3, 28, 28)
     assert len(dm.train_dataloader()) == 10
     train = next(iter(dm.train_dataloader()))
@@ -393,7 +393,7 @@ def test_nvidia3d_sequences_without_mod_trick(tmp_path: Path, cls, sizes, factor
 )
 def test_procedural_configs(name: str, overrides: list[str], shape: tuple) -> None:
     cfg = compose_config("train", [f"data={name}", "data.batch_size=4", *overrides])
-    dm = instantiate(cfg.data)  # checks data.num_transforms against the source
+    dm = instantiate_datamodule(cfg.data)  # checks data.num_transforms against the source
     assert dm.k_sampling == "per_batch" and dm.image_shape == shape
     assert dm.num_transforms == cfg.data.num_transforms
     batch = next(iter(dm.train_dataloader()))

@@ -13,6 +13,7 @@ from latentzoo.eval import evaluate
 from latentzoo.metrics.ground_truth import DisentanglementCallback, DisentanglementMetrics
 from latentzoo.train import train
 from latentzoo.utils import LatentzooError, MissingCapabilityError
+from latentzoo.utils.distributed import instantiate_datamodule
 from tests.conftest import TINY, compose_config
 
 SMALL = {
@@ -94,7 +95,7 @@ def test_callback_logs_fast_preset(tmp_path: Path) -> None:
     import hydra
 
     model = hydra.utils.instantiate(cfg.model)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate_datamodule(cfg.data)
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=[callback], logger=hydra.utils.instantiate(cfg.logger.csv)
     )

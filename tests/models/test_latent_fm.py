@@ -134,7 +134,7 @@ def test_label_dropout_rate_and_cfg_refusal() -> None:
 
 
 # ------------------------------------------------------------------ EMA
-def test_ema_update_math_and_swap() -> None:
+def test_ema_update_math_on_a_separate_copy() -> None:
     net = torch.nn.Linear(2, 2)
     ema = EMA(net, decay=0.9)
     w0 = net.weight.detach().clone()
@@ -142,9 +142,12 @@ def test_ema_update_math_and_swap() -> None:
         net.weight.add_(1.0)
     ema.update(net)
     assert torch.allclose(ema.shadow["weight"], 0.9 * w0 + 0.1 * (w0 + 1))
-    with ema.swapped(net):
-        assert torch.allclose(net.weight, 0.9 * w0 + 0.1 * (w0 + 1))
-    assert torch.allclose(net.weight, w0 + 1)  # raw weights restored
+    assert torch.allclose(
+        ema.module(torch.eye(2)).T - ema.module.bias[:, None], ema.shadow["weight"]
+    )
+    assert torch.equal(net.weight, w0 + 1)  # the raw weights are never touched
+    ema.reset(net)
+    assert ema.num_updates == 0 and torch.equal(ema.shadow["weight"], net.weight)
 
 
 def test_ema_warmup_follows_early_weights() -> None:
@@ -203,9 +206,13 @@ def test_ema_survives_a_checkpoint_round_trip(tmp_path: Path) -> None:
     a = model.sample(2, sampler="euler", steps=3, noise=noise, return_latents=True)
     b = fresh.sample(2, sampler="euler", steps=3, noise=noise, return_latents=True)
     assert torch.allclose(a, b, atol=1e-6)
-    with fresh.ema.swapped(fresh.net):  # sampling used the EMA weights, not the raw ones
-        ema_out = fresh.velocity(noise, torch.zeros(2), torch.tensor([0, 1]))
+    # sampling used the EMA weights, not the raw ones
+    ema_out = fresh.velocity(noise, torch.zeros(2), torch.tensor([0, 1]), net=fresh.ema.module)
     assert not torch.allclose(ema_out, fresh.velocity(noise, torch.zeros(2), torch.tensor([0, 1])))
+    raw_sample = tiny_model(num_classes=3, label_dropout=0.1, ema_decay=None)
+    raw_sample.load_state_dict(checkpoint["state_dict"])
+    c = raw_sample.sample(2, sampler="euler", steps=3, noise=noise, return_latents=True)
+    assert not torch.allclose(b, c, atol=1e-4)
     assert torch.equal(fresh.net.final_layer.linear.weight, raw)
 
     wrong = tiny_model(num_classes=4, label_dropout=0.1)

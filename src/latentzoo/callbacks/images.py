@@ -7,16 +7,18 @@ Model-agnostic: a model qualifies if it has ``encode(x) -> [B, D]`` (a determini
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
+from latentzoo.callbacks.randomness import rank_seed
 from latentzoo.utils.logging import RankedLogger
 
 log = RankedLogger(__name__)
@@ -121,6 +123,9 @@ class _GridCallback(L.Callback):
 
     name = "grid"
     required = ("encode", "decode")
+    # False: rank 0 draws alone (cheap grids); True: every rank draws its share in ``draw``
+    # (which gathers them), so an expensive grid does not stall the other ranks under DDP
+    sharded = False
 
     def __init__(self, dirpath: str, every_n_steps: int = 500, num_images: int = 8) -> None:
         self.dirpath = Path(dirpath)
@@ -152,8 +157,9 @@ class _GridCallback(L.Callback):
             self._images = images[: self.images_needed].cpu()
         return self._images
 
-    @rank_zero_only
     def _write(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        if not (self.sharded or trainer.is_global_zero):
+            return
         step = trainer.global_step
         if not self._enabled or step == self._last_step:  # train end right after a periodic one
             return
@@ -168,11 +174,18 @@ class _GridCallback(L.Callback):
         try:
             with torch.no_grad():
                 images = self._fixed_images(trainer).to(model.device)
+                start = time.perf_counter()
                 grid = self.draw(model, images).float().cpu()
-                self.dirpath.mkdir(parents=True, exist_ok=True)
-                save_image(grid, self.dirpath / f"{self.name}_step{step:06d}.png")
-                log_image(trainer, f"images/{self.name}", grid, step)
-                self.extra(trainer, model, images, step)
+                if self.sharded:
+                    log.info(
+                        f"{self.name} grid at step {step}: {time.perf_counter() - start:.2f} s "
+                        f"on each of {trainer.world_size} rank(s)"
+                    )
+                if trainer.is_global_zero:
+                    self.dirpath.mkdir(parents=True, exist_ok=True)
+                    save_image(grid, self.dirpath / f"{self.name}_step{step:06d}.png")
+                    log_image(trainer, f"images/{self.name}", grid, step)
+                    self.extra(trainer, model, images, step)
         except UnsupportedModel as reason:
             log.warning(f"{type(self).__name__} disabled: {reason}")
             self._enabled = False
@@ -202,10 +215,15 @@ class ReconstructionGrid(_GridCallback):
 
 class SampleGrid(_GridCallback):
     """Images from ``model.sample(n)`` (in [0, 1]) drawn with a fixed seed, so grids at
-    different steps start from the same noise and show how the samples evolve."""
+    different steps start from the same noise and show how the samples evolve.
+
+    Under DDP each of the W ranks samples ⌈n / W⌉ images from seed (seed, rank) and rank 0
+    gathers them: sampling (e.g. an adaptive ODE solve) is split instead of stalling W − 1
+    ranks. The grid's noise therefore depends on the world size, not on the step."""
 
     name = "samples"
     required = ("sample",)
+    sharded = True
 
     def __init__(
         self, dirpath: str, every_n_steps: int = 500, num_images: int = 64, seed: int = 0
@@ -217,10 +235,14 @@ class SampleGrid(_GridCallback):
         return torch.empty(0)  # samples need no data
 
     def draw(self, model: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
+        trainer = model._trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         cuda = [model.device.index or 0] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # leave the training RNG untouched
-            torch.manual_seed(self.seed)
-            samples = model.sample(self.num_images)
+            torch.manual_seed(self.seed if world == 1 else rank_seed(self.seed, rank))
+            samples = model.sample(math.ceil(self.num_images / world))
+        if world > 1:
+            samples = model.all_gather(samples).flatten(0, 1)[: self.num_images]
         rows = max(1, round(self.num_images**0.5))
         return make_grid(samples.float().clamp(0, 1), nrow=rows, pad_value=0.5)
 

@@ -63,7 +63,10 @@ class LatentModel(L.LightningModule):
                 and not trainer._logger_connector.should_update_logs
             ):
                 return
-            if not self._all_finite:
+            all_finite = bool(self._all_finite)
+            if trainer and trainer.world_size > 1:  # every rank stops, or none does
+                all_finite = trainer.strategy.reduce_boolean_decision(all_finite, all=True)
+            if not all_finite:
                 raise NonFiniteLossError(
                     f"the loss became non-finite at or before global step {self.global_step} "
                     f"(it is {loss.item()} now); training stopped. Checkpoints written before "

@@ -108,6 +108,12 @@ class DeepLatentParticles(LatentModel):
 
     capability_notes = {"sample": "the keypoint prior is conditioned on an image (no free prior)"}
 
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """The object model's glimpse warm-up trains only part of the nets: under DDP the rest
+        are unused in those steps."""
+        return self.use_object_dec and self.warmup_epoch > 0
+
     def __init__(
         self,
         image_shape: list[int],

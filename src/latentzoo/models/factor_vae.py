@@ -71,6 +71,10 @@ class FactorVAE(BetaVAE):
     Capabilities: ``encode`` (posterior mean), ``decode``, ``sample``, ``reconstruct``.
     """
 
+    # The discriminator's backward never reaches the encoder/decoder (its input is detached):
+    # under DDP those parameters are unused in that backward, and DDP must know.
+    ddp_find_unused_parameters = True
+
     def __init__(
         self,
         encoder: nn.Module,

@@ -149,6 +149,10 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
     ``log_prob_sequence(frames, k)``; ``predict_transform(frames)`` for the weak variant.
     """
 
+    # Only the potentials of the transformations in a batch enter its loss (with
+    # ``k_sampling: per_batch``, one of K): the others are unused in that step under DDP.
+    ddp_find_unused_parameters = True
+
     def __init__(
         self,
         encoder: nn.Module,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 
 from latentzoo.models.autoencoders.base import FirstStage
 from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory
-from latentzoo.models.ema import EMA
+from latentzoo.models.ema import EMA, EMACheckpoint
 from latentzoo.models.samplers import StraightPath, guided_field, solve
 from latentzoo.utils.errors import CheckpointError, LatentzooError
 
@@ -62,7 +63,7 @@ class _LatentBatch(tuple):
     """(scaled latents, labels) from the latent cache, told apart from (images, labels)."""
 
 
-class LatentFlowMatching(LatentModel):
+class LatentFlowMatching(EMACheckpoint, LatentModel):
     """Conditional flow matching on the latents of a frozen autoencoder.
 
     Args:
@@ -180,11 +181,15 @@ class LatentFlowMatching(LatentModel):
         return ((x.clamp(-1, 1) + 1) / 2).float()
 
     # ------------------------------------------------------------------ velocity and loss
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """v(x, t, y) in latentzoo's convention, whatever convention the net was trained in."""
+    def velocity(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, net: nn.Module | None = None
+    ) -> torch.Tensor:
+        """v(x, t, y) of ``net`` (default: the raw net) in latentzoo's convention, whatever
+        convention the net was trained in."""
+        net = self.net if net is None else net
         if self.time_convention == "lfm":
-            return -self.net(x, 1 - t, y)
-        return self.net(x, t, y)
+            return -net(x, 1 - t, y)
+        return net(x, t, y)
 
     def _labels(self, y: torch.Tensor | None, batch: int, train: bool) -> torch.Tensor | None:
         if not self.num_classes:
@@ -210,6 +215,7 @@ class LatentFlowMatching(LatentModel):
         else:
             images, y = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
             z = self.encode_images(images)
+        z = z.to(self.dtype)  # the first stage runs in fp32; the net in the trainer's precision
         if stage == "train" and not self._checked_latent_std:
             self._check_latent_std(z)
         y = self._labels(y, z.shape[0], train=stage == "train")
@@ -247,7 +253,11 @@ class LatentFlowMatching(LatentModel):
             self._ema_step = self.global_step
             self.ema.update(self.net)
 
+    def ema_source(self) -> nn.Module:
+        return self.net
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # the EMA entry
         checkpoint["latent_fm"] = {
             "num_classes": self.num_classes,
             "null_label": self.null_label,
@@ -256,8 +266,6 @@ class LatentFlowMatching(LatentModel):
             "latent_shape": self.latent_shape,
             "first_stage": self.first_stage.name,
         }
-        if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("latent_fm", {})
@@ -269,11 +277,7 @@ class LatentFlowMatching(LatentModel):
                 )
         if meta:
             self.label_dropout = meta.get("label_dropout", self.label_dropout)
-        if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
-        elif self.ema is not None:
-            log.warning("checkpoint has no EMA weights; the EMA restarts from the raw weights")
-            self.ema = EMA(self.net, self.ema.decay, self.ema.warmup)
+        super().on_load_checkpoint(checkpoint)  # the EMA, applied once the raw weights are in
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -316,24 +320,24 @@ class LatentFlowMatching(LatentModel):
             if noise is not None
             else torch.randn(n, *self.latent_shape, device=self.device)
         )
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            if self.ema is not None:
-                self.ema.to(self.device)
-                with self.ema.swapped(self.net), self._fp32():
-                    z, nfe = self._solve(x0, y, scale, name, steps)
-            else:
+        if self.ema is not None:
+            net = self.ema.to(self.device).module  # always in eval mode
+            with self._fp32():
+                z, nfe = self._solve(net, x0, y, scale, name, steps)
+        else:
+            was_training = self.net.training
+            self.net.eval()
+            try:
                 with self._fp32():
-                    z, nfe = self._solve(x0, y, scale, name, steps)
-        finally:
-            self.net.train(was_training)
+                    z, nfe = self._solve(self.net, x0, y, scale, name, steps)
+            finally:
+                self.net.train(was_training)
         guided = scale != 1.0 and y is not None
         self.last_nfe, self.last_net_forwards = nfe, nfe * (2 if guided else 1)
         return z if return_latents else self.decode_latents(z)
 
-    def _solve(self, x0, y, scale, name, steps) -> tuple[torch.Tensor, int]:
-        field = guided_field(self.velocity, y, self.null_label, scale)
+    def _solve(self, net, x0, y, scale, name, steps) -> tuple[torch.Tensor, int]:
+        field = guided_field(partial(self.velocity, net=net), y, self.null_label, scale)
         return solve(
             field,
             x0,

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory
-from latentzoo.models.ema import EMA
+from latentzoo.models.ema import EMA, EMACheckpoint
 from latentzoo.models.nets.glow import Glow
 from latentzoo.utils.errors import LatentzooError
 from latentzoo.utils.logging import RankedLogger
@@ -133,7 +133,7 @@ def _in(interval: Sequence[int] | None, epoch: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------- the model
-class NFPI(LatentModel):
+class NFPI(EMACheckpoint, LatentModel):
     """Class-conditional flow with a FPI-fitted diagonal Gaussian prior (spec nfpi.md).
 
     Args:
@@ -222,7 +222,6 @@ class NFPI(LatentModel):
         self.register_buffer("prior_initialized", torch.tensor(False))
         self.ema = EMA(self.flow, ema_decay, power=ema_power) if ema_decay is not None else None
         self._ema_step = -1
-        self._ema_context: Any = None
         log.info(
             f"NFPI: flow with {sum(p.numel() for p in self.flow.parameters()) / 1e6:.2f}M "
             f"parameters, {self.num_classes} classes, D = {self.dims}"
@@ -257,10 +256,12 @@ class NFPI(LatentModel):
         quad = torch.stack([((z - mu) ** 2 / var).sum(1) for mu, var in pairs], 1)
         return -0.5 * (quad + const)
 
-    def _nll(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image NLL in nats: (conditional on y, or marginal if y is None; marginal).
-        The marginal carries no gradient when ``y`` is given (it is only logged)."""
-        z, logdet = self.flow(self.preprocess(x))
+    def _nll(
+        self, x: torch.Tensor, y: torch.Tensor | None, flow: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image NLL in nats under ``flow``: (conditional on y, or marginal if y is None;
+        marginal). The marginal carries no gradient when ``y`` is given (it is only logged)."""
+        z, logdet = flow(self.preprocess(x))
         shift = logdet - self.dims * math.log(128)
         with torch.no_grad() if y is not None else nullcontext():
             per_class = self.class_log_likelihoods(z)
@@ -275,8 +276,8 @@ class NFPI(LatentModel):
     ) -> torch.Tensor:
         """log p(x) in nats per image (class-marginal when ``y`` is None). ``num_samples`` > 1
         averages p over that many dequantisation draws (a tighter bound, log-mean-exp)."""
-        with self._eval_weights():
-            draws = torch.stack([-self._nll(x, y)[0] for _ in range(max(1, num_samples))])
+        with self._eval_weights() as flow:
+            draws = torch.stack([-self._nll(x, y, flow)[0] for _ in range(max(1, num_samples))])
         return torch.logsumexp(draws, 0) - math.log(draws.shape[0])
 
     def bpd(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -285,7 +286,11 @@ class NFPI(LatentModel):
 
     def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
         x, y = batch[0], batch[1]
-        cond, marginal = self._nll(x, y)
+        if stage == "train":
+            cond, marginal = self._nll(x, y, self.flow)
+        else:  # validation and test score the EMA weights, as eval.py does
+            with self._eval_weights() as flow:
+                cond, marginal = self._nll(x, y, flow)
         scale = self.dims * math.log(2)
         loss = cond.mean() / scale
         return {
@@ -298,8 +303,8 @@ class NFPI(LatentModel):
     @torch.no_grad()
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
         """log N(f(x); μ_c, v_c) per class (B, C); the log-det does not depend on c."""
-        with self._eval_weights():
-            z, _ = self.flow(self.preprocess(x))
+        with self._eval_weights() as flow:
+            z, _ = flow(self.preprocess(x))
             return self.class_log_likelihoods(z)
 
     @torch.no_grad()
@@ -316,46 +321,26 @@ class NFPI(LatentModel):
         y = y.long().to(self.prior_mu.device)
         std = self.prior_var[y].sqrt() * temperature
         z = (self.prior_mu[y] + std * torch.randn_like(std)).view(n, *self.image_shape)
-        with self._eval_weights():
-            return self.postprocess(self.flow.inverse(z))
+        with self._eval_weights() as flow:
+            return self.postprocess(flow.inverse(z))
 
     # ------------------------------------------------------------ EMA
+    def ema_source(self) -> nn.Module:
+        return self.flow
+
     @contextmanager
-    def _eval_weights(self) -> Iterator[None]:
-        """Eval mode with the EMA weights once the EMA has been updated (and not already in)."""
+    def _eval_weights(self) -> Iterator[nn.Module]:
+        """The flow to evaluate with, in eval mode: the EMA once it has been updated, else the
+        raw flow. Nothing is swapped, so a checkpoint written meanwhile holds the raw weights."""
+        if self.ema is not None and self.ema.num_updates > 0:
+            yield self.ema.to(self.prior_mu.device).module
+            return
         was_training = self.flow.training
-        use_ema = self.ema is not None and self.ema.num_updates > 0 and self._ema_context is None
         self.flow.eval()
         try:
-            if use_ema:
-                self.ema.to(self.prior_mu.device)
-            with self.ema.swapped(self.flow) if use_ema else nullcontext():
-                yield
+            yield self.flow
         finally:
             self.flow.train(was_training)
-
-    def _swap_in_ema(self) -> None:
-        if self.ema is not None and self.ema.num_updates > 0 and self._ema_context is None:
-            self.ema.to(self.prior_mu.device)
-            self._ema_context = self.ema.swapped(self.flow)
-            self._ema_context.__enter__()
-
-    def _swap_out_ema(self) -> None:
-        if self._ema_context is not None:
-            self._ema_context.__exit__(None, None, None)
-            self._ema_context = None
-
-    def on_validation_start(self) -> None:
-        self._swap_in_ema()
-
-    def on_validation_end(self) -> None:
-        self._swap_out_ema()
-
-    def on_test_start(self) -> None:
-        self._swap_in_ema()
-
-    def on_test_end(self) -> None:
-        self._swap_out_ema()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         start = self.hparams.ema_start_epoch
@@ -366,14 +351,6 @@ class NFPI(LatentModel):
         ):
             self._ema_step = self.global_step
             self.ema.update(self.flow)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
 
     def on_fit_end(self) -> None:
         temps = self.hparams.final_grid_temperatures
@@ -410,6 +387,8 @@ class NFPI(LatentModel):
         self.flow.data_init(self.preprocess(x))
         # every rank ran the init on its own images: rank 0's values win
         self._broadcast([t for t in self.flow.state_dict().values() if t.is_floating_point()])
+        if self.ema is not None:  # the average starts at the data-initialised flow
+            self.ema.reset(self.flow)
         log.info(f"NFPI: data init of the flow on {len(x)} images")
         m, s = self.gather_moments()
         self.prior_mu.copy_(m.float())

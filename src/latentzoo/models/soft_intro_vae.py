@@ -83,6 +83,10 @@ class SoftIntroVAE(GaussianVAEMixin, LatentModel):
             recorded in the hyper-parameters.
     """
 
+    # Each of the two backward passes of an iteration trains one network with the other frozen
+    # (toggle_optimizer): under DDP the frozen one's parameters are unused in that backward.
+    ddp_find_unused_parameters = True
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -246,7 +250,10 @@ class SoftIntroVAE(GaussianVAEMixin, LatentModel):
     def _finite(self, loss: torch.Tensor, name: str) -> bool:
         """False (skip the step) or an error when ``loss`` is NaN/inf. One host sync per
         step: the check has to come before the optimiser step to be able to skip it."""
-        if torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self._trainer is not None:  # under DDP all ranks skip (or step) together
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return True
         if self.skip_nonfinite:
             return False

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import hydra
+import lightning as L
 import torch
 from omegaconf import DictConfig, open_dict
 
@@ -57,7 +59,14 @@ def resolve_batch_size(data_cfg: DictConfig, world_size: int) -> DictConfig:
                     f"{world_size}; choose a multiple of {world_size} or set data.batch_size "
                     "(per device) instead"
                 )
-            data_cfg.batch_size = global_batch // world_size
+            per_device = global_batch // world_size
+            if data_cfg.get("batch_size") not in (None, per_device):
+                log.warning(
+                    f"data.batch_size={data_cfg.batch_size} is replaced by data.global_batch_size="
+                    f"{global_batch} / world {world_size}; set data.global_batch_size=null to "
+                    "choose the per-device batch yourself"
+                )
+            data_cfg.batch_size = per_device
     batch = data_cfg.get("batch_size")
     if batch is not None:
         log.info(
@@ -67,3 +76,8 @@ def resolve_batch_size(data_cfg: DictConfig, world_size: int) -> DictConfig:
     with open_dict(datamodule_cfg):
         datamodule_cfg.pop("global_batch_size", None)
     return datamodule_cfg
+
+
+def instantiate_datamodule(data_cfg: DictConfig, world_size: int = 1) -> L.LightningDataModule:
+    """The datamodule of ``data_cfg`` with its per-device batch for ``world_size`` processes."""
+    return hydra.utils.instantiate(resolve_batch_size(data_cfg, world_size))
