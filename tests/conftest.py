@@ -68,9 +68,12 @@ def tiny_train_cfg(tmp_path: Path) -> DictConfig:
     return compose_config("train", TINY, tmp_path)
 
 
+CLI_ENV = {"HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+
+
 def run_cli(script: str, *args: str, cwd: Path = ROOT, timeout: int = 600):
     """Run ``python <script> args...`` the way a user would; returns the CompletedProcess."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **CLI_ENV}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
@@ -79,3 +82,17 @@ def run_cli(script: str, *args: str, cwd: Path = ROOT, timeout: int = 600):
         text=True,
         timeout=timeout,
     )
+
+
+def start_cli(script: str, *args: str, log: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    """Start ``python <script> args...`` in its own process group (``os.killpg`` stops it and
+    its children), its stdout and stderr going to the file ``log``."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / script), *args],
+            cwd=cwd,
+            env={**os.environ, **CLI_ENV},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )

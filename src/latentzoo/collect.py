@@ -9,6 +9,11 @@ by the overrides that vary across runs, except ``seed`` and ``--ignore`` keys; p
 mean and sample standard deviation (ddof=1) of every selected metric are written to
 ``<out>.csv`` and ``<out>.md`` (default ``<out>`` = ``<sweep>/collect``), one row per run to
 ``<out>_runs.csv``, and the table is printed. Failed or unfinished runs are listed, not dropped.
+
+Each run's state is printed next to its metrics: ``finished``, ``failed``, ``interrupted``
+(Ctrl-C / SIGTERM), or ``running or killed`` (no ``metrics.json``: a run writes it when it ends,
+and a new attempt clears the previous one's), with ``(resumed N×)`` when ``resume.json`` says it
+continued from its own checkpoint N times (``resume=auto``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import yaml
 METRICS_FILE = "metrics.json"
 ALWAYS_IGNORED = ("seed",)
 MISSING = "—"
+RESUME_FILE = "resume.json"  # latentzoo.utils.resume: the run's starts and resume count
+STATES = {"completed": "finished", "missing": "no metrics"}
 
 
 @dataclass
@@ -45,10 +52,21 @@ class Run:
     error: str | None = None
     global_step: int | None = None
     config: dict[str, Any] | None = None
+    resumed: int = 0  # starts that continued from the run's own checkpoint (resume.json)
 
     @property
     def ok(self) -> bool:
         return self.status == "completed" and bool(self.metrics)
+
+    @property
+    def state(self) -> str:
+        """``finished``, ``failed``, ``interrupted`` or ``running or killed`` (no record), with
+        ``(resumed N×)`` when the run continued from its own checkpoint."""
+        if self.status == "missing" and not (self.path / METRICS_FILE).is_file():
+            state = "running or killed"
+        else:
+            state = STATES.get(self.status, self.status)
+        return f"{state} (resumed {self.resumed}×)" if self.resumed else state
 
 
 @dataclass
@@ -111,6 +129,16 @@ def _natural_key(path: Path) -> list[Any]:
 
 def read_run(path: Path) -> Run:
     """Read one run dir; a missing or unreadable ``metrics.json`` gives status ``missing``."""
+    run = _read_record(path)
+    try:
+        history = json.loads((path / RESUME_FILE).read_text())
+        run.resumed = int(history.get("resumed", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return run
+
+
+def _read_record(path: Path) -> Run:
     overrides = parse_overrides(
         yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or []
     )
@@ -122,7 +150,7 @@ def read_run(path: Path) -> Run:
             path,
             overrides,
             "missing",
-            error="no metrics.json (still running, killed, or written by an older latentzoo)",
+            error="no metrics.json (still running, or killed, or written by an older latentzoo)",
             config=config,
         )
     try:
@@ -260,13 +288,14 @@ class Summary:
         with path.open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(
-                ["run", "status", "global_step", *override_keys, *self.metrics, "error"]
+                ["run", "status", "state", "global_step", *override_keys, *self.metrics, "error"]
             )
             for run in self.runs:
                 writer.writerow(
                     [
                         _relative(run.path, root),
                         run.status,
+                        run.state,
                         run.global_step,
                         *(run.overrides.get(k, "") for k in override_keys),
                         *(run.metrics.get(m, "") for m in self.metrics),
@@ -291,13 +320,13 @@ class Summary:
                 "",
                 "## Failed or incomplete runs",
                 "",
-                "| run | status | overrides | error |",
+                "| run | state | overrides | error |",
             ]
             lines += ["|---|---|---|---|"]
             for run in self.problems:
                 overrides = " ".join(f"{k}={v}" for k, v in run.overrides.items())
                 lines.append(
-                    f"| {_md(_relative(run.path, root))} | {run.status} | {_md(overrides)} "
+                    f"| {_md(_relative(run.path, root))} | {run.state} | {_md(overrides)} "
                     f"| {_md(run.error or '')} |"
                 )
         return "\n".join(lines) + "\n"
@@ -331,12 +360,29 @@ class Summary:
         console.print(table)
         if self.problems:
             failed = Table(title="Failed or incomplete runs", style="red")
-            for name in ("run", "status", "overrides", "error"):
+            for name in ("run", "state", "overrides", "error"):
                 failed.add_column(name)
             for run in self.problems:
                 overrides = " ".join(f"{k}={v}" for k, v in run.overrides.items())
-                failed.add_row(_relative(run.path, root), run.status, overrides, run.error or "")
+                failed.add_row(_relative(run.path, root), run.state, overrides, run.error or "")
             console.print(failed)
+        console.print(self.runs_table(root))
+
+    def runs_table(self, root: Path, max_metrics: int = 4) -> Any:
+        """One row per run: its state and step next to its values of the grouping keys and of
+        the first ``max_metrics`` metrics."""
+        from rich.table import Table
+
+        metrics = self.metrics[:max_metrics]
+        table = Table(title="Runs")
+        for name in ("run", "state", "step", *self.keys, *metrics):
+            table.add_column(name, justify="right" if name in metrics else "left")
+        for run in self.runs:
+            step = "" if run.global_step is None else str(run.global_step)
+            values = [value_of(run, key) for key in self.keys]
+            scores = [f"{run.metrics[m]:.4g}" if m in run.metrics else MISSING for m in metrics]
+            table.add_row(_relative(run.path, root), run.state, step, *values, *scores)
+        return table
 
 
 def _md(text: str) -> str:

@@ -32,12 +32,14 @@ from latentzoo.utils.checkpoint import (
 )
 from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision, strategy_for
 from latentzoo.utils.entry import run_hydra_task
+from latentzoo.utils.resume import checkpoint_to_resume, skip_finished
 from latentzoo.utils.run_record import RunRecord, record_run
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
 
 @task_wrapper
+@skip_finished  # resume=auto: a run dir that records a finished run is not trained again
 @record_run
 def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train (and optionally test) the model; return the logged metrics and built objects.
@@ -49,7 +51,7 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     if cfg.get("seed") is not None:  # the same initial weights on every rank
         L.seed_everything(cfg.seed, workers=True)
 
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path = checkpoint_to_resume(cfg)  # cfg.ckpt_path, or with resume=auto the own last.ckpt
     if ckpt_path:
         checkpoint = load_checkpoint(ckpt_path)
         check_same_model(checkpoint_config(checkpoint, ckpt_path), cfg.model._target_, ckpt_path)
