@@ -451,4 +451,3 @@ class WebDatasetDataModule(ImageDataModule):
             "resize": self.resize,
             "interpolation": self.interpolation,
         }
-
