@@ -37,6 +37,13 @@ def set_matmul_precision(value: str | None) -> None:
 
 def strategy_for(trainer_cfg: DictConfig, model: Any) -> None:
     """Turn on DDP's unused-parameter search when (and only when) the model asks for it."""
+    if trainer_cfg.get("sync_batchnorm") and trainer_cfg.get("accelerator") == "cpu":
+        with open_dict(trainer_cfg):
+            trainer_cfg.sync_batchnorm = False
+        log.warning(
+            "trainer.sync_batchnorm: PyTorch's SyncBatchNorm needs GPUs; on CPU processes each "
+            "rank keeps its own BatchNorm statistics"
+        )
     if getattr(model, "ddp_find_unused_parameters", False) and trainer_cfg.get("strategy") == "ddp":
         with open_dict(trainer_cfg):
             trainer_cfg.strategy = "ddp_find_unused_parameters_true"
