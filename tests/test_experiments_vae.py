@@ -36,7 +36,7 @@ def test_experiment_composes_with_real_data(experiment: str) -> None:
     for key, value in settings.items():
         assert cfg.model[key] == value
     lie = experiment.startswith("lie_vae")
-    assert cfg.data.batch_size == (256 if lie else 64)
+    assert cfg.data.global_batch_size == (256 if lie else 64)  # the paper batch, any world size
     assert cfg.model.optimizer.lr == 1e-4
     assert cfg.trainer.max_steps == {
         "lie_vae_dsprites": 201_600,
