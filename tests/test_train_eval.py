@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 from latentzoo.eval import evaluate
 from latentzoo.train import train
@@ -113,10 +112,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(BetaVAE, "step", poisoned_step)
     cfg = compose_config(
-        "train", [*TINY, "+callbacks.model_checkpoint.every_n_train_steps=1"], tmp_path
+        "train", [*TINY, "callbacks.model_checkpoint.every_n_train_steps=1"], tmp_path
     )
-    with open_dict(cfg):
-        cfg.callbacks.model_checkpoint.every_n_train_steps = 1
     with pytest.raises(NonFiniteLossError, match="global step 3"):
         train(cfg)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)

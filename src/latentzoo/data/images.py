@@ -462,4 +462,3 @@ class WebDatasetDataModule(ImageDataModule):
             "resize": self.resize,
             "interpolation": self.interpolation,
         }
-
