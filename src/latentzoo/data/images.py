@@ -462,3 +462,4 @@ class WebDatasetDataModule(ImageDataModule):
             "resize": self.resize,
             "interpolation": self.interpolation,
         }
+
