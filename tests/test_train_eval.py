@@ -174,6 +174,19 @@ def test_cli_errors_are_clear(trained_run: Path, tmp_path: Path) -> None:
     assert "cannot be created" in unwritable.stderr
 
 
+def test_eval_refuses_nonfinite_checkpoint(trained_run: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
+    name = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][name].view(-1)[0] = float("nan")
+    bad = tmp_path / "nan.ckpt"
+    torch.save(checkpoint, bad)
+    result = run_cli("eval.py", f"ckpt_path={bad}", f"paths.log_dir={tmp_path / 'logs'}")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert str(bad) in errors[0] and "non-finite" in errors[0] and name in errors[0]
+
+
 def test_console_scripts_match_root_scripts(tmp_path: Path) -> None:
     """``latentzoo-train`` / ``latentzoo-eval`` (installed by pip) work from any directory."""
     import shutil

@@ -43,3 +43,11 @@ def read_steps(path) -> list[int]:
     except FileNotFoundError:
         return []
     return [int(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
+class SeedValidation(L.Callback):
+    """Seeds the RNG at the start of every validation, so that a model that samples in its
+    validation step (the VAE's reparameterisation) gets the same loss from the same weights."""
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        torch.manual_seed(0)

@@ -150,14 +150,17 @@ def test_signal_saves_current_step_and_resume_command_continues(tmp_path: Path, 
 
 @pytest.mark.slow
 def test_best_checkpoint_score_belongs_to_its_weights(tmp_path: Path) -> None:
-    overrides = [o for o in TINY if "max_steps" not in o and "val_check_interval" not in o]
+    overrides = [o for o in TINY_TRAINER if "max_steps" not in o and "val_check_interval" not in o]
     cfg = compose_config(
         "train",
         [
+            *TINY_DATA,
             *overrides,
+            "callbacks=model_checkpoint",
             "trainer.max_steps=9",
             "trainer.val_check_interval=3",
             "callbacks.model_checkpoint.every_n_train_steps=1",  # last.ckpt at every step
+            "+callbacks.seed_val._target_=tests.callbacks.ckpt_helpers.SeedValidation",
         ],
         tmp_path,
     )

@@ -107,16 +107,20 @@ class Checkpoints(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         install_atomic_checkpoint_io(trainer)
-        if stage == "fit" and trainer.is_global_zero:
-            folders = [self.dirpath] if self.dirpath else []
-            if trainer.ckpt_path and os.path.isfile(trainer.ckpt_path):
-                folders.append(os.path.dirname(os.path.abspath(trainer.ckpt_path)))
-            for folder in folders:
-                for stale in remove_stale_temp_files(folder):
-                    log.info(f"Removed {stale.name}, left in {folder} by a killed save")
+
+    def _remove_stale_temp_files(self, trainer: L.Trainer) -> None:
+        """Temp files of killed saves, in our folder and next to the checkpoint resumed from."""
+        folders = [self.dirpath] if self.dirpath else []
+        if trainer.ckpt_path and os.path.isfile(trainer.ckpt_path):
+            folders.append(os.path.dirname(os.path.abspath(trainer.ckpt_path)))
+        for folder in folders:
+            for stale in remove_stale_temp_files(folder):
+                log.info(f"Removed {stale.name}, left in {folder} by a killed save")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        if trainer.is_global_zero:
+            self._remove_stale_temp_files(trainer)  # trainer.ckpt_path is known from here on
         self._last_time = time.monotonic()
         self._signal = None
         self.stopped_by = None
