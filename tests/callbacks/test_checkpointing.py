@@ -149,6 +149,36 @@ def test_signal_saves_current_step_and_resume_command_continues(tmp_path: Path, 
 
 
 @pytest.mark.slow
+def test_sigterm_to_rank_0_stops_all_ddp_ranks_at_one_step(tmp_path: Path) -> None:
+    """Only the launching process (rank 0) gets the signal: both ranks agree to save at the same
+    step (``trainer.save_checkpoint`` runs on every rank, else they would hang) and stop."""
+    marker = tmp_path / "steps.txt"
+    process = start_train(
+        tmp_path / "logs",
+        marker,
+        "trainer=ddp_sim",
+        "trainer.max_steps=40",
+        "callbacks.model_checkpoint.every_n_train_steps=100",
+    )
+    try:
+        wait_for_step(process, marker, 3)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    reached = max(read_steps(marker))  # both ranks write their steps here
+    assert reached < 40
+    run = run_dir(tmp_path / "logs")
+    assert (
+        torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == reached
+    )
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "interrupted" and record["global_step"] == reached
+
+
+@pytest.mark.slow
 def test_best_checkpoint_score_belongs_to_its_weights(tmp_path: Path) -> None:
     overrides = [o for o in TINY_TRAINER if "max_steps" not in o and "val_check_interval" not in o]
     cfg = compose_config(
