@@ -34,10 +34,13 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import open_dict
 
 from latentzoo.paths import config_dir
+from latentzoo.utils.atomic import TEMP_SUFFIX
 from latentzoo.utils.checkpoint import ConfigInCheckpoint
 from latentzoo.utils.checkpoint_io import AtomicCheckpointIO, nonfinite_entries
 
@@ -45,11 +48,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "checkpoint_save_cpu.json"
 
 
-def default_run_checkpoint(steps: int) -> dict:
+def default_run_checkpoint(steps: int, out_dir: Path) -> dict:
     """The default run's checkpoint after ``steps`` optimizer steps on the CPU."""
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["trainer.accelerator=cpu"])
+        cfg = compose("train", overrides=["trainer.accelerator=cpu"], return_hydra_config=True)
+    with open_dict(cfg):  # what a CLI run's Hydra fills in, so the saved config resolves
+        cfg.paths.output_dir = cfg.paths.log_dir = str(out_dir)
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.hydra.job.num = cfg.hydra.job.id = 0
+    HydraConfig().set_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -81,9 +90,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
-    checkpoint = default_run_checkpoint(args.steps)
     args.dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="bench_ckpt_", dir=args.dir))
+    checkpoint = default_run_checkpoint(args.steps, folder / "run")
     ios = {"atomic": AtomicCheckpointIO(), "lightning": TorchCheckpointIO()}
     times: dict[str, list[float]] = {name: [] for name in ios}
     sizes: dict[str, float] = {}
@@ -102,7 +111,7 @@ def main() -> None:
             start = time.perf_counter()
             nonfinite_entries(checkpoint)
             check.append((time.perf_counter() - start) * 1e3)
-        assert sorted(os.listdir(folder)) == ["atomic.ckpt", "lightning.ckpt"]  # no temp files
+        assert not list(folder.glob(f".*{TEMP_SUFFIX}")), "temp files left behind"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
