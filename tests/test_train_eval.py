@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 from latentzoo.eval import evaluate
 from latentzoo.train import train
@@ -113,10 +112,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(BetaVAE, "step", poisoned_step)
     cfg = compose_config(
-        "train", [*TINY, "+callbacks.model_checkpoint.every_n_train_steps=1"], tmp_path
+        "train", [*TINY, "callbacks.model_checkpoint.every_n_train_steps=1"], tmp_path
     )
-    with open_dict(cfg):
-        cfg.callbacks.model_checkpoint.every_n_train_steps = 1
     with pytest.raises(NonFiniteLossError, match="global step 3"):
         train(cfg)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
@@ -175,6 +172,19 @@ def test_cli_errors_are_clear(trained_run: Path, tmp_path: Path) -> None:
     unwritable = run_cli("train.py", f"paths.log_dir={blocker / 'logs'}")
     assert unwritable.returncode == 2
     assert "cannot be created" in unwritable.stderr
+
+
+def test_eval_refuses_nonfinite_checkpoint(trained_run: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
+    name = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][name].view(-1)[0] = float("nan")
+    bad = tmp_path / "nan.ckpt"
+    torch.save(checkpoint, bad)
+    result = run_cli("eval.py", f"ckpt_path={bad}", f"paths.log_dir={tmp_path / 'logs'}")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert str(bad) in errors[0] and "non-finite" in errors[0] and name in errors[0]
 
 
 def test_console_scripts_match_root_scripts(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from latentzoo.data.latents import FORMAT, MANIFEST
 from latentzoo.models.autoencoders.base import FirstStage
 from latentzoo.paths import config_dir, setup_project_root
+from latentzoo.utils.atomic import atomic_write, atomic_write_text, remove_stale_temp_files
 from latentzoo.utils.distributed import instantiate_datamodule
 from latentzoo.utils.entry import run_hydra_task
 from latentzoo.utils.errors import LatentzooError
@@ -81,6 +82,7 @@ def cache_latents(
     """Encode ``dataset`` (items ``(image in [0, 1], label)``) into shards under ``out``."""
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)  # left by a killed run
     dev = torch.device(
         "cuda"
         if device == "auto" and torch.cuda.is_available()
@@ -144,11 +146,12 @@ def cache_latents(
             return
         name = f"shard_{len(manifest['shards']):05d}"
         for part, chunks in buffers.items():
-            np.save(out / f"{name}.{part}.npy", np.concatenate(chunks))
+            with atomic_write(out / f"{name}.{part}.npy") as file:  # listed only once complete
+                np.save(file, np.concatenate(chunks))
             chunks.clear()
         manifest["shards"].append({"name": name, "count": n})
         manifest["count"] = sum(s["count"] for s in manifest["shards"])
-        manifest_file.write_text(json.dumps(manifest, indent=2))
+        atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
 
     with tqdm(total=total, initial=done, desc="encoding latents", unit="img") as bar:
         for batch in loader:
@@ -171,7 +174,7 @@ def cache_latents(
     flush()
     manifest["complete"] = True
     manifest["count"] = sum(s["count"] for s in manifest["shards"])
-    manifest_file.write_text(json.dumps(manifest, indent=2))
+    atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
     log.info(f"cached {manifest['count']} items (+ flips) to {out}")
     return manifest
 

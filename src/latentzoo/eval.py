@@ -25,7 +25,12 @@ from latentzoo.utils import (
     print_metrics_table,
     task_wrapper,
 )
-from latentzoo.utils.checkpoint import check_same_model, checkpoint_config, load_checkpoint
+from latentzoo.utils.checkpoint import (
+    check_finite,
+    check_same_model,
+    checkpoint_config,
+    load_checkpoint,
+)
 from latentzoo.utils.distributed import resolve_batch_size
 from latentzoo.utils.entry import run_hydra_task
 
@@ -39,6 +44,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise LatentzooError("eval needs a checkpoint: python eval.py ckpt_path=<path/to/.ckpt>")
     checkpoint = load_checkpoint(cfg.ckpt_path)
     saved = checkpoint_config(checkpoint, cfg.ckpt_path)
+    check_finite(checkpoint, cfg.ckpt_path)
     if cfg.get("model"):
         check_same_model(saved, cfg.model.get("_target_"), cfg.ckpt_path)
         log.info("Using the model config saved in the checkpoint (model= only checks the type)")

@@ -12,6 +12,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from latentzoo.callbacks.checkpointing import stop_if_interrupted
 from latentzoo.callbacks.randomness import TrainingRandomness
 from latentzoo.callbacks.run_info import ResumeReport
 from latentzoo.paths import config_dir, setup_project_root
@@ -30,6 +31,7 @@ from latentzoo.utils.checkpoint import (
     checkpoint_config,
     load_checkpoint,
 )
+from latentzoo.utils.checkpoint_io import install_atomic_checkpoint_io
 from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision, strategy_for
 from latentzoo.utils.entry import run_hydra_task
 from latentzoo.utils.resume import checkpoint_to_resume, skip_finished
@@ -73,6 +75,7 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     strategy_for(cfg.trainer, model)
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    install_atomic_checkpoint_io(trainer)  # every save: temp file + rename, finite weights only
     record.trainer = trainer
 
     # the world size is known now, before any data is read
@@ -86,6 +89,7 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     if cfg.get("train"):
         log.info("Starting training")
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        stop_if_interrupted(trainer)  # SIGINT/SIGTERM: last.ckpt saved; exit with resume command
         save_final_last(trainer)
     train_metrics = dict(trainer.callback_metrics)
 
@@ -106,8 +110,8 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
 def save_final_last(trainer: L.Trainer) -> None:
     """Rewrite ``last.ckpt`` after fit when it is older than the final step.
 
-    ModelCheckpoint writes it at validation, so a run whose ``max_steps`` ends between two
-    validations would otherwise lose its final steps."""
+    ``last.ckpt`` follows a step/time cadence and validation, so a run whose ``max_steps`` ends
+    between two saves would otherwise lose its final steps."""
     callback = trainer.checkpoint_callback
     if callback is None or not callback.save_last or not callback.dirpath:
         return

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from latentzoo.utils.checkpoint_io import resume_advice
 from latentzoo.utils.errors import NonFiniteLossError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -69,9 +70,8 @@ class LatentModel(L.LightningModule):
             if not all_finite:
                 raise NonFiniteLossError(
                     f"the loss became non-finite at or before global step {self.global_step} "
-                    f"(it is {loss.item()} now); training stopped. Checkpoints written before "
-                    "are kept (see the checkpoints/ folder); lower the learning rate or check "
-                    "the data."
+                    f"(it is {loss.item()} now); training stopped. {resume_advice(trainer)} "
+                    "Lower the learning rate or check the data before resuming."
                 )
         for name, value in terms.items():
             self.log(

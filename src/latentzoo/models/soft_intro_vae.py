@@ -33,6 +33,7 @@ from torch import nn
 
 from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory
 from latentzoo.models.beta_vae import GaussianVAEMixin, gaussian_kl
+from latentzoo.utils.checkpoint_io import resume_advice
 from latentzoo.utils.errors import NonFiniteLossError
 
 
@@ -261,7 +262,7 @@ class SoftIntroVAE(GaussianVAEMixin, LatentModel):
             f"Soft-IntroVAE: {name} became {loss.item()} at step {self.global_step} (epoch "
             f"{self.current_epoch}) with beta_neg={self.beta_neg}. Increase model.beta_neg (a "
             "larger beta_neg weakens the repulsion of generated images; the authors' advice), "
-            "or set model.skip_nonfinite=true to skip such steps."
+            f"or set model.skip_nonfinite=true to skip such steps. {resume_advice(self._trainer)}"
         )
 
     def _step(self, optimizer: Any, loss: torch.Tensor, name: str, count: bool) -> bool:

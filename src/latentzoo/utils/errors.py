@@ -10,7 +10,7 @@ class CheckpointError(LatentzooError):
 
 
 class NonFiniteLossError(LatentzooError):
-    """Training produced a NaN/inf loss; the last good checkpoint is left untouched."""
+    """Training produced a NaN/inf loss; the message names the last finite checkpoint."""
 
 
 class MissingCapabilityError(LatentzooError):

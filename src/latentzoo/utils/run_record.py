@@ -1,7 +1,9 @@
 """``<run>/metrics.json``: a run's final metrics and outcome, for ``python -m latentzoo.collect``.
 
 Written at the end of every train run, also when it fails (status ``"failed"`` and the error),
-so that a sweep's summary lists crashed runs instead of silently dropping them.
+so that a sweep's summary lists crashed runs instead of silently dropping them. A run stopped by
+SIGINT/SIGTERM has status ``"interrupted"`` and ``resume_command``, the exact command that
+continues it from the ``last.ckpt`` saved at the step it reached. Written atomically.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from latentzoo.utils.atomic import atomic_write_text
+from latentzoo.utils.checkpoint_io import (
+    TrainingInterrupted,
+    last_finite_checkpoint,
+    resume_command,
+)
 from latentzoo.utils.entry import user_error
 from latentzoo.utils.logging import RankedLogger
 
@@ -90,12 +98,20 @@ class RunRecord:
             "duration_s": round(time.time() - self.started, 3),
             "error": None,
         }
-        if error is not None:
+        if isinstance(error, TrainingInterrupted):
+            record["error"] = str(error)
+            record["interrupted_by"] = error.signame
+            record["last_checkpoint"] = error.checkpoint
+            record["resume_command"] = error.resume_command
+        elif error is not None:
             cause = user_error(error) or error
             record["error"] = f"{type(cause).__name__}: {cause}"
             record["traceback"] = "".join(traceback.format_exception(error)[-20:])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(record, indent=2, default=str))
+            last = last_finite_checkpoint(trainer)
+            if last is not None:
+                record["last_checkpoint"] = last[0]
+                record["resume_command"] = resume_command(last[0])
+        atomic_write_text(self.path, json.dumps(record, indent=2, default=str))
         log.info(f"Run record ({status}) written to {self.path}")
 
 
@@ -113,7 +129,7 @@ def record_run(task: Callable[[DictConfig, RunRecord], tuple[dict, dict]]) -> Ca
             # Lightning turns Ctrl-C into a graceful shutdown, then SystemExit(1)
             stopped = bool(getattr(record.trainer, "interrupted", False))
             ctrl_c = isinstance(error, SystemExit) and stopped
-            interrupted = isinstance(error, KeyboardInterrupt) or ctrl_c
+            interrupted = isinstance(error, KeyboardInterrupt | TrainingInterrupted) or ctrl_c
             status = "interrupted" if interrupted else "failed"
             try:
                 record.write(status, error=error)
