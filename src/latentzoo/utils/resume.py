@@ -33,7 +33,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
@@ -101,15 +103,21 @@ def finished_record(cfg: DictConfig) -> dict[str, Any] | None:
     return record
 
 
+def _is_model_checkpoint(target: Any) -> bool:
+    """``ModelCheckpoint`` or a subclass (latentzoo's ``Checkpoints``)."""
+    try:
+        return issubclass(hydra.utils.get_class(str(target)), ModelCheckpoint)
+    except Exception:  # not importable: not a checkpoint callback we can follow
+        return False
+
+
 def last_checkpoints(cfg: DictConfig) -> list[Path]:
     """Where this config's ModelCheckpoint callbacks with ``save_last`` keep ``last.ckpt``."""
     paths = []
     for callback in (cfg.get("callbacks") or {}).values():
         if not isinstance(callback, Mapping) or not callback.get("save_last"):
             continue
-        if str(callback.get("_target_", "")).endswith("ModelCheckpoint") and callback.get(
-            "dirpath"
-        ):
+        if _is_model_checkpoint(callback.get("_target_")) and callback.get("dirpath"):
             paths.append(Path(str(callback["dirpath"])) / "last.ckpt")
     paths.append(run_dir(cfg) / "checkpoints" / "last.ckpt")
     return list(dict.fromkeys(paths))
