@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/ddp_find_unused_cpu.json"))
     parser.add_argument("--_run", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()  # DDP children get Hydra overrides appended
     if args._run:
         run_one(*args._run, args)
         return
@@ -114,7 +114,7 @@ def main() -> None:
             if needs
             else ["ddp", "ddp_find_unused_parameters_true"]
         ):
-            argv = [sys.executable, __file__, "--_run", name, strategy, *sys.argv[1:]]
+            argv = [sys.executable, __file__, *sys.argv[1:], "--_run", name, strategy]
             done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
             line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
