@@ -80,13 +80,15 @@ def run_and_kill(
     last = run_dir / "checkpoints" / "last.ckpt"
     seen = last.stat().st_mtime_ns if last.exists() else None
     start = time.monotonic()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir / "killed_run.stderr", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         train_command(run_dir, overrides, ckpt),
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=log,
+        start_new_session=True,  # kill -9 the whole job (DDP ranks are its children)
     )
     saves, killed = 0, False
     try:
@@ -99,16 +101,17 @@ def run_and_kill(
                 if saves >= kill.after_saves:
                     time.sleep(kill.delay)
                     if proc.poll() is None:
-                        os.kill(proc.pid, signal.SIGKILL)
+                        os.killpg(proc.pid, signal.SIGKILL)
                         killed = True
                     break
             time.sleep(0.002)
         proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    err = proc.stderr.read() if proc.stderr else ""
+    log.close()
+    err = (run_dir / "killed_run.stderr").read_text()
     if not killed and proc.returncode != 0:
         raise RuntimeError(f"training failed ({proc.returncode}):\n{err[-4000:]}")
     corrupt = last.exists() and not loadable(last)
@@ -180,12 +183,10 @@ def kill_and_resume(
     result = ChaosResult()
     last = run_dir / "checkpoints" / "last.ckpt"
     for kill in kills:
-        start_step = _step_of(last)
         attempt = run_and_kill(run_dir, overrides, kill, ckpt=last if last.exists() else None)
         result.attempts.append(attempt)
         if attempt.corrupt:
             raise RuntimeError(f"corrupt checkpoint after a kill: {last}")
-        del start_step
     run_to_end(run_dir, overrides, ckpt=last if last.exists() else None)
     if reference is not None:
         result.differences = differences(final_state(run_dir), reference)

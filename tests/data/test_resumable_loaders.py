@@ -23,7 +23,7 @@ SMALL = {
         "data.val_per_k=4",
     ],
     "proc_blobs": ["data.image_size=16", "data.num_train=40", "data.num_val=8", "data.num_test=8"],
-    "proc_multishapes": ["data.image_size=32", "data.num_train=40", "data.num_val=8"],
+    "proc_multishapes": ["data.image_size=64", "data.num_train=40", "data.num_val=8"],
     "sk_digits": ["data.augment=nfpi_mnist"],
     "proc_digits": ["data.val_size=100", "data.cache=false"],
 }
