@@ -58,7 +58,8 @@ def loadable(path: Path) -> bool:
 @dataclass
 class Kill:
     """When to kill: after ``after_saves`` new versions of last.ckpt appeared, wait ``delay``
-    seconds (``mid_save``: kill as soon as the file changes, without waiting for it to be whole)."""
+    seconds (``mid_save``: count a version as soon as the file changes, without waiting for it
+    to be whole; ``after_saves=0``: ``delay`` seconds after the start)."""
 
     after_saves: int
     delay: float = 0.0
@@ -92,7 +93,12 @@ def run_and_kill(
     )
     saves, killed = 0, False
     try:
-        while proc.poll() is None and time.monotonic() - start < timeout:
+        if kill.after_saves == 0:  # a moment after the start, whatever the run is doing
+            time.sleep(kill.delay)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed = True
+        while not killed and proc.poll() is None and time.monotonic() - start < timeout:
             mtime = last.stat().st_mtime_ns if last.exists() else None
             if mtime is not None and mtime != seen:
                 seen = mtime

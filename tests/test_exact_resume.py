@@ -23,7 +23,6 @@ COMMON = [
     "trainer.limit_train_batches=8",
     "trainer.val_check_interval=4",
     "trainer.limit_val_batches=1",
-    "trainer.num_sanity_val_steps=1",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
     "callbacks.model_checkpoint.every_n_train_steps=3",
