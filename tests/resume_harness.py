@@ -6,7 +6,6 @@ weights bit for bit. Shared by ``tests/test_exact_resume.py`` and
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys

@@ -62,8 +62,10 @@ def _latents_datamodule(tmp_path: Path, workers: int = 0) -> Any:
 
 
 def _make(name: str, tmp_path: Path, workers: int = 0) -> Any:
-    return _latents_datamodule(tmp_path, workers) if name == "latents" else _datamodule(
-        name, tmp_path, workers
+    return (
+        _latents_datamodule(tmp_path, workers)
+        if name == "latents"
+        else _datamodule(name, tmp_path, workers)
     )
 
 

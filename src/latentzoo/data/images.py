@@ -461,4 +461,3 @@ class WebDatasetDataModule(ImageDataModule):
             "resize": self.resize,
             "interpolation": self.interpolation,
         }
-
