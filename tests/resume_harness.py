@@ -128,12 +128,21 @@ def run_and_kill(
 
 def final_state(run_dir: Path) -> dict[str, Any]:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    fit = ckpt["loops"]["fit_loop"]
     return {
         "global_step": ckpt["global_step"],
         "epoch": ckpt["epoch"],
         "state_dict": ckpt["state_dict"],
         "ema": ckpt.get("ema"),
         "optimizer_states": ckpt.get("optimizer_states"),
+        "lr_schedulers": ckpt.get("lr_schedulers"),
+        # counters: epoch and batch progress, logging step, the loader's position
+        "fit_loop": {
+            "epoch_progress": fit["epoch_progress"],
+            "batch_progress": fit["epoch_loop.batch_progress"],
+            "batches_that_stepped": fit["epoch_loop.state_dict"]["_batches_that_stepped"],
+            "combined_loader": fit["state_dict"].get("combined_loader"),
+        },
     }
 
 
