@@ -322,6 +322,12 @@ class WebDatasetDataModule(ImageDataModule):
     of ``epoch_length`` samples (global), i.e. ``epoch_length // (world_size * batch_size)``
     batches on every rank, so DDP ranks stay in step. Val/test are one ordered pass (set
     ``val_epoch_length`` to fix their length too).
+
+    Resume is NOT exact for webdataset (unlike the map-style modules, see ``data.resumable``):
+    the loader is an iterable stream with no saved position, so a resumed run restarts the
+    shard stream (shard shuffle, sample shuffle buffer and random flips in the workers begin
+    anew) while the step and epoch counters, weights, optimizer and the model's RNG streams
+    continue exactly. Lightning warns that the loader is not resumable.
     """
 
     def __init__(
