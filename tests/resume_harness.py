@@ -139,10 +139,21 @@ def final_state(run_dir: Path) -> dict[str, Any]:
         # counters: epoch and batch progress, logging step, the loader's position
         "fit_loop": {
             "epoch_progress": fit["epoch_progress"],
-            "batch_progress": fit["epoch_loop.batch_progress"],
+            # without "completed": a save in on_train_batch_end holds processed - 1 there, one
+            # after fit (train.save_final_last) holds processed; Lightning's restart treats
+            # both alike. Which of the two writes the final last.ckpt depends on the
+            # ModelCheckpoint bookkeeping of that process, not on the training state.
+            "batch_progress": _without_completed(fit["epoch_loop.batch_progress"]),
             "batches_that_stepped": fit["epoch_loop.state_dict"]["_batches_that_stepped"],
             "combined_loader": fit["state_dict"].get("combined_loader"),
         },
+    }
+
+
+def _without_completed(progress: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: ({kk: vv for kk, vv in v.items() if kk != "completed"} if isinstance(v, dict) else v)
+        for k, v in progress.items()
     }
 
 
