@@ -34,7 +34,7 @@ from tests.resume_harness import (  # noqa: E402
     run_to_end,
 )
 
-STEPS = 400
+STEPS = 200
 EVERY = 5
 OVERRIDES = [
     "data.dataset.size=small",

@@ -48,12 +48,28 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # all devices too
 
 
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG states as tensors and ints (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
+def capture_rng() -> tuple[Any, ...]:
+    """This process's RNG states, as the libraries return them (cheap: done every step)."""
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state_all()
+    return torch.get_rng_state(), np.random.get_state(), random.getstate(), cuda
+
+
+def restore_rng(state: tuple[Any, ...]) -> None:
+    torch_state, np_state, py_state, cuda = state
+    torch.set_rng_state(torch_state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def rng_to_checkpoint(state: tuple[Any, ...]) -> dict[str, Any]:
+    """:func:`capture_rng`'s states as tensors and plain values (``weights_only=True`` loads)."""
+    torch_state, (kind, keys, pos, has_gauss, gauss), (version, internal, gauss_next), cuda = state
+    out: dict[str, Any] = {
+        "torch": torch_state,
         "numpy": {
             "kind": str(kind),
             "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
@@ -67,20 +83,17 @@ def capture_rng() -> dict[str, Any]:
             "gauss_next": gauss_next,
         },
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    if cuda is not None:
+        out["cuda"] = cuda
+    return out
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
+def rng_from_checkpoint(saved: dict[str, Any]) -> tuple[Any, ...]:
+    n, p = saved["numpy"], saved["python"]
     keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = (n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"])
+    py_state = (p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"])
+    return saved["torch"], np_state, py_state, saved.get("cuda")
 
 
 def _gather(obj: Any, world_size: int) -> list[Any]:
@@ -101,7 +114,7 @@ class TrainingRandomness(L.Callback):
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
-        self._stream: dict[str, Any] | None = None  # the training stream between two batches
+        self._stream: tuple[Any, ...] | None = None  # the training stream between two batches
         self._world_size = 1
         self._resumed = False
 
@@ -125,7 +138,7 @@ class TrainingRandomness(L.Callback):
         self._stream = capture_rng()
 
     def state_dict(self) -> dict[str, Any]:
-        states = _gather(self._stream or capture_rng(), self._world_size)
+        states = _gather(rng_to_checkpoint(self._stream or capture_rng()), self._world_size)
         return {"seed": self.seed, "world_size": len(states), "rng": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -142,5 +155,5 @@ class TrainingRandomness(L.Callback):
                 f"{len(states)}: training randomness is re-seeded per rank, not continued"
             )
         else:
-            self._stream = states[rank]
+            self._stream = rng_from_checkpoint(states[rank])
             self._resumed = True
