@@ -34,7 +34,7 @@ from tests.resume_harness import (  # noqa: E402
     run_to_end,
 )
 
-STEPS = 200
+STEPS = 300
 EVERY = 5
 OVERRIDES = [
     "data.dataset.size=small",
@@ -135,9 +135,9 @@ def main() -> None:
         if mode == "startup":
             kill = Kill(0, rng.uniform(2.0, 12.0))  # seconds after launch: start-up or training
         elif mode == "between_saves":
-            kill = Kill(rng.randint(1, 3), rng.uniform(0.0, 0.6))
+            kill = Kill(rng.randint(1, 2), rng.uniform(0.0, 0.6))
         else:
-            kill = Kill(rng.randint(1, 3), rng.uniform(0.0, 0.01), mid_save=True)
+            kill = Kill(rng.randint(1, 2), rng.uniform(0.0, 0.01), mid_save=True)
         resumed_from = (
             int(torch.load(last, weights_only=False)["global_step"]) if last.exists() else 0
         )
