@@ -34,7 +34,7 @@ from tests.resume_harness import (  # noqa: E402
     run_to_end,
 )
 
-STEPS = 400
+STEPS = 1500
 EVERY = 5
 OVERRIDES = [
     "data.dataset.size=small",
@@ -133,7 +133,7 @@ def main() -> None:
     for i in range(args.kills):
         mode = ("startup", "between_saves", "mid_save")[i % 3]
         if mode == "startup":
-            kill = Kill(0, rng.uniform(3.0, 9.0))  # seconds after launch: start-up or training
+            kill = Kill(0, rng.uniform(2.0, 6.0))  # seconds after launch: start-up or training
         elif mode == "between_saves":
             kill = Kill(rng.randint(1, 2), rng.uniform(0.0, 0.6))
         else:
