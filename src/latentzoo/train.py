@@ -68,8 +68,8 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += [ConfigInCheckpoint(cfg), ResumeReport()]
-    if cfg.get("seed") is not None:  # then different training randomness on every rank
-        callbacks.append(TrainingRandomness(cfg.seed))
+    if cfg.get("seed") is not None:  # per-rank training randomness, saved for exact resume
+        callbacks.insert(0, TrainingRandomness(cfg.seed))  # first: see its docstring
     # the last appended logger keeps callback-logged scores (e.g. disentanglement) for the record
     loggers = [*instantiate_loggers(cfg.get("logger")), record.logged]
     strategy_for(cfg.trainer, model)

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from latentzoo.data.datasets.factors import FactorDataset
+from latentzoo.data.resumable import resumable_loader
 
 
 class FactorSubset(Dataset):
@@ -100,7 +101,15 @@ class GroundTruthDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        # seeded order and position: resumes exactly (data.resumable)
+        return resumable_loader(
+            FactorSubset(self.dataset, self.splits["train"]),
+            self.batch_size,
+            collate_fn=_already_batched,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

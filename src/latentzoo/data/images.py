@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from latentzoo.data.datasets.errors import DatasetNotFoundError
 from latentzoo.data.datasets.image_folder import ImageFolder, class_labels, list_images
 from latentzoo.data.datasets.proc_blobs import ProcBlobs
+from latentzoo.data.resumable import resumable_loader
 from latentzoo.utils.errors import LatentzooError
 from latentzoo.utils.logging import RankedLogger
 
@@ -106,7 +107,16 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("train"), train=True)
+        # seeded order, position and flips (per batch, from (seed, epoch, rank, batch)): resumes
+        # exactly, with any num_workers (data.resumable)
+        return resumable_loader(
+            self._dataset("train"),
+            self.batch_size,
+            collate_fn=ImageCollate(flip=self.flip),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"), train=False)
@@ -312,6 +322,12 @@ class WebDatasetDataModule(ImageDataModule):
     of ``epoch_length`` samples (global), i.e. ``epoch_length // (world_size * batch_size)``
     batches on every rank, so DDP ranks stay in step. Val/test are one ordered pass (set
     ``val_epoch_length`` to fix their length too).
+
+    Resume is NOT exact for webdataset (unlike the map-style modules, see ``data.resumable``):
+    the loader is an iterable stream with no saved position, so a resumed run restarts the
+    shard stream (shard shuffle, sample shuffle buffer and random flips in the workers begin
+    anew) while the step and epoch counters, weights, optimizer and the model's RNG streams
+    continue exactly. Lightning warns that the loader is not resumable.
     """
 
     def __init__(

@@ -160,7 +160,17 @@ class LatentsDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        from latentzoo.data.resumable import resumable_loader
+
+        # the flip and ε of every item are seeded per batch by (seed, epoch, rank, batch)
+        return resumable_loader(
+            self.train_dataset,
+            self.batch_size,
+            drop_last=len(self.train_dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)

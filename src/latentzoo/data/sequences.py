@@ -13,8 +13,11 @@ without workers).
 - ``k_sampling: per_batch`` [ORIGINAL, default]: one k for the whole batch (the weak variant
   needs it); ``per_sample``: k drawn independently per sequence.
 - Training draws ``epoch_size`` sequences per epoch (default: the number of training starts),
-  starts uniformly with replacement, seeded by ``(seed, epoch, rank)``. Under DDP Lightning
-  wraps the sampler and deals its batches out to the ranks (checked with 2 CPU processes).
+  starts uniformly with replacement, seeded by ``(seed, epoch, rank)``. Under DDP each rank
+  draws its own ``ceil(batches / world_size)`` batches of the epoch (the sampler is a
+  ``DistributedSampler`` subclass that Lightning leaves alone). The training loader is a
+  :class:`~latentzoo.data.resumable.ResumableLoader`: its position (epoch, batches done) is saved
+  in the checkpoint and a resumed run continues the epoch's draws where it stopped.
 - Validation and test use a fixed, k-grouped set of sequences (``val_per_k`` / ``test_per_k``
   per transformation, ``eval_seq_len`` steps), every batch holding one k; image sets use the
   whole held-out split when ``*_per_k`` is null (MNIST: 12k per k).
@@ -31,23 +34,20 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from latentzoo.data.datasets.sequences import SequenceBatches, SequenceDataset
+from latentzoo.data.resumable import ResumableLoader, ResumableSampler, rank_and_world
 
 __all__ = ["EvalSequenceSampler", "SequenceDataModule", "TrainSequenceSampler"]
 
 KSampling = Literal["per_batch", "per_sample"]
 
 
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
-class TrainSequenceSampler(Sampler[np.ndarray]):
-    """Yields ``num_batches`` arrays of sequence keys per epoch; k and starts drawn together.
+class TrainSequenceSampler(ResumableSampler):
+    """Yields ``num_batches`` arrays of sequence keys per epoch (``ceil(num_batches / world)``
+    per rank); k and starts drawn together from ``(seed, epoch, rank)``.
 
     The epoch counter advances on every pass (and ``set_epoch``, which Lightning calls, sets
-    it), so epochs differ and a resumed run draws what it would have drawn.
+    it), so epochs differ; ``resume`` (through the loader's ``load_state_dict``) makes a resumed
+    run skip the batches of the epoch it had already drawn.
     """
 
     def __init__(
@@ -67,19 +67,15 @@ class TrainSequenceSampler(Sampler[np.ndarray]):
         self.num_batches = int(num_batches)
         self.k_sampling = k_sampling
         self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        super().__init__(shuffle=True)
 
     def __len__(self) -> int:
-        return self.num_batches
+        return -(-self.num_batches // rank_and_world()[1])
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.epoch, _rank()])
-        self.epoch += 1
+    def _batches(self, epoch: int, rank: int, world: int) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch, rank])
         n_k, b = self.source.num_transforms, self.batch_size
-        for _ in range(self.num_batches):
+        for _ in range(len(self)):
             if self.k_sampling == "per_batch":
                 k = np.full(b, rng.integers(n_k), dtype=np.int64)
             else:
@@ -214,7 +210,8 @@ class SequenceDataModule(L.LightningDataModule):
         return self._eval_keys[stage]
 
     def _loader(self, sampler: Sampler, steps: int) -> DataLoader:
-        return DataLoader(
+        loader = ResumableLoader if isinstance(sampler, ResumableSampler) else DataLoader
+        return loader(
             SequenceBatches(self.source, steps),
             sampler=sampler,
             batch_size=None,  # each sampler element is already a whole batch of keys

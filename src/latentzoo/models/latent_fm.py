@@ -247,8 +247,11 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
         if hasattr(datamodule, "check_autoencoder"):
             datamodule.check_autoencoder(self.first_stage)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # once per optimizer step (gradient accumulation calls this every micro-batch)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # the EMA follows every optimizer step at once (not in on_train_batch_end, which runs
+        # after the callbacks', so a step-cadence checkpoint would hold an EMA one update behind
+        # its weights and a resumed run would lose that update)
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None and self.global_step != self._ema_step:
             self._ema_step = self.global_step
             self.ema.update(self.net)

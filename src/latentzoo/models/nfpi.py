@@ -342,7 +342,9 @@ class NFPI(EMACheckpoint, LatentModel):
         finally:
             self.flow.train(was_training)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # EMA at once after the step: checkpoints written in on_train_batch_end include it
+        super().optimizer_step(*args, **kwargs)
         start = self.hparams.ema_start_epoch
         if (
             self.ema is not None

@@ -288,7 +288,15 @@ class ProcDigitsDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(Subset(self.train_set, self.splits["train"].tolist()), True)
+        from latentzoo.data.resumable import resumable_loader
+
+        return resumable_loader(
+            Subset(self.train_set, self.splits["train"].tolist()),
+            self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(Subset(self.train_set, self.splits["val"].tolist()), False)
