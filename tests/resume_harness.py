@@ -138,7 +138,9 @@ def final_state(run_dir: Path) -> dict[str, Any]:
         "lr_schedulers": ckpt.get("lr_schedulers"),
         # counters: epoch and batch progress, logging step, the loader's position
         "fit_loop": {
-            "epoch_progress": fit["epoch_progress"],
+            # epochs done ("processed", "completed"); "ready"/"started" count how often an
+            # epoch was entered, and a run resumed in the epoch's last step enters it again
+            "epoch_progress": _only(fit["epoch_progress"], ("processed", "completed")),
             # without "completed": a save in on_train_batch_end holds processed - 1 there, one
             # after fit (train.save_final_last) holds processed; Lightning's restart treats
             # both alike. Which of the two writes the final last.ckpt depends on the
@@ -147,6 +149,13 @@ def final_state(run_dir: Path) -> dict[str, Any]:
             "batches_that_stepped": fit["epoch_loop.state_dict"]["_batches_that_stepped"],
             "combined_loader": fit["state_dict"].get("combined_loader"),
         },
+    }
+
+
+def _only(progress: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        k: ({kk: vv for kk, vv in v.items() if kk in keys} if isinstance(v, dict) else v)
+        for k, v in progress.items()
     }
 
 
