@@ -45,6 +45,21 @@ TINY = [
 ]
 
 
+# NFPI at toy size on scikit-learn's digits: one flow level, EMA from the first epoch
+TINY_NFPI = [
+    "experiment=nfpi_digits",
+    "data.image_size=8",
+    "data.batch_size=16",
+    "model.flow.levels=1",
+    "model.flow.steps=[1]",
+    "model.flow.blocks=[1]",
+    "model.flow.hidden=8",
+    "model.init_images=32",
+    "model.ema_start_epoch=0",
+    "model.final_grid_temperatures=null",
+]
+
+
 def compose_config(
     config_name: str, overrides: list[str], output_dir: Path | None = None
 ) -> DictConfig:
@@ -96,3 +111,15 @@ def start_cli(script: str, *args: str, log: Path, cwd: Path = ROOT) -> subproces
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def run_collect(*paths: Path) -> subprocess.CompletedProcess:
+    """``python -m latentzoo.collect paths...`` with a wide terminal (no wrapped tables)."""
+    return subprocess.run(
+        [sys.executable, "-m", "latentzoo.collect", *map(str, paths)],
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, TINY_NFPI, run_cli
 from tests.ddp_equivalence import METHODS as EQUIVALENCE_METHODS
 
 SHORT = [
@@ -71,18 +71,7 @@ METHODS = {
     ],
     "dlp_masked": [*DLP, "model.use_object_dec=false"],
     "dlp_object": DLP,
-    "nfpi": [
-        "experiment=nfpi_digits",
-        "data.image_size=8",
-        "data.batch_size=16",
-        "model.flow.levels=1",
-        "model.flow.steps=[1]",
-        "model.flow.blocks=[1]",
-        "model.flow.hidden=8",
-        "model.init_images=32",
-        "model.ema_start_epoch=0",
-        "model.final_grid_temperatures=null",
-    ],
+    "nfpi": TINY_NFPI,
 }
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 import yaml
 
 from latentzoo.collect import summarize
-from tests.conftest import ROOT, TINY, TINY_DATA, TINY_TRAINER, run_cli, start_cli
+from tests.conftest import TINY, TINY_DATA, TINY_TRAINER, run_cli, run_collect, start_cli
 
 # Sweeps don't need images or test loops to check the plumbing.
 QUICK = [
@@ -200,14 +199,7 @@ def test_killed_sweep_resumes_with_resume_auto(tmp_path: Path) -> None:
         assert history["resumed"] == resumed, (n, history)
     states = {run.path.name: run.state for run in summarize([sweep]).runs}
     assert states == {"0": "finished", "1": "finished (resumed 1×)", "2": "finished"}
-    done = subprocess.run(
-        [sys.executable, "-m", "latentzoo.collect", str(sweep)],
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_collect(sweep)
     assert done.returncode == 0, done.stderr
     assert "finished (resumed 1×)" in done.stdout
 

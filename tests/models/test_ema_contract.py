@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from latentzoo.utils.distributed import resolve_batch_size
-from tests.conftest import compose_config
+from tests.conftest import TINY_NFPI, compose_config
 
 MODELS = {
     "latent_fm": (
@@ -30,19 +30,7 @@ MODELS = {
     ),
     "nfpi": (
         "flow.",
-        [
-            "experiment=nfpi_digits",
-            "data.image_size=8",
-            "data.batch_size=16",
-            "model.flow.levels=1",
-            "model.flow.steps=[1]",
-            "model.flow.blocks=[1]",
-            "model.flow.hidden=8",
-            "model.init_images=32",
-            "model.ema_decay=0.5",
-            "model.ema_start_epoch=0",
-            "model.final_grid_temperatures=null",
-        ],
+        [*TINY_NFPI, "model.ema_decay=0.5"],
     ),
 }
 

@@ -17,7 +17,7 @@ from latentzoo.collect import read_run
 from latentzoo.paths import run_id, run_suffix
 from latentzoo.utils import LatentzooError
 from latentzoo.utils.resume import checkpoint_to_resume, resume_mode, skip_finished
-from tests.conftest import ROOT, TINY, compose_config
+from tests.conftest import TINY, compose_config, run_collect
 
 STAMP = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d"
 
@@ -154,14 +154,7 @@ def test_collect_cli_prints_states(tmp_path: Path) -> None:
         (path / ".hydra" / "overrides.yaml").write_text(f"- seed={name}\n")
         if record:
             (path / "metrics.json").write_text(json.dumps(record))
-    done = subprocess.run(
-        [sys.executable, "-m", "latentzoo.collect", str(tmp_path)],
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_collect(tmp_path)
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if "finished" in line or "killed" in line]
     assert any("finished" in r and "2.5" in r for r in rows), done.stdout
