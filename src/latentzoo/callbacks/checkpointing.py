@@ -70,6 +70,9 @@ class Checkpoints(ModelCheckpoint):
         every_n_minutes: refresh ``last.ckpt`` every M minutes of training (None: off).
         save_on_signal: on SIGINT/SIGTERM save ``last.ckpt`` at the end of the current batch
             and stop training (a second signal acts at once, as without this callback).
+        check_every_n_steps: under DDP, how often the ranks agree on signals and on rank 0's
+            clock (one small collective and host sync): a signal that reached one rank only
+            is acted on within this many steps. Step-cadence saves need no agreement.
         **kwargs: the other ``ModelCheckpoint`` arguments (``dirpath``, ``filename``,
             ``monitor``, ``mode``, ``save_top_k``, ``save_last``, ...).
     """
@@ -79,6 +82,7 @@ class Checkpoints(ModelCheckpoint):
         every_n_train_steps: int | None = 250,
         every_n_minutes: float | None = 30.0,
         save_on_signal: bool = True,
+        check_every_n_steps: int = 10,
         **kwargs: Any,
     ) -> None:
         for key in ("train_time_interval", "every_n_epochs"):
@@ -95,6 +99,7 @@ class Checkpoints(ModelCheckpoint):
         self.last_every_n_steps = int(every_n_train_steps or 0)
         self.last_every_n_minutes = every_n_minutes
         self.save_on_signal = save_on_signal
+        self.check_every_n_steps = max(1, int(check_every_n_steps))
         self._last_time = time.monotonic()
         self._last_cadence_step = -1  # global step of the last cadence/signal save of last.ckpt
         self._last_ranked_step = -1  # global step of the last validation-end ranking
@@ -224,7 +229,13 @@ class Checkpoints(ModelCheckpoint):
             and now - self._last_time >= 60.0 * self.last_every_n_minutes
         )
         event = self._signal is not None or steps_due or time_due
-        if not trainer.strategy.reduce_boolean_decision(event, all=False):
+        if trainer.world_size > 1:
+            # every rank sees steps_due alike; signals and rank 0's clock need a collective,
+            # taken only every check_every_n_steps steps (not a host sync per step)
+            if not steps_due and step % self.check_every_n_steps:
+                return
+            event = trainer.strategy.reduce_boolean_decision(event, all=False)
+        if not event:
             return
         # one collective per event decides for all ranks (the flag may be set on one only)
         stop = self._stop_requested(trainer) if trainer.world_size > 1 else self._signal is not None

@@ -56,13 +56,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def check_finite(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
     """Refuse a checkpoint whose weights (``state_dict``) or EMA average hold NaN/inf."""
-    from latentzoo.utils.checkpoint_io import nonfinite_entries
+    from latentzoo.utils.checkpoint_io import describe_entries, nonfinite_entries
 
     bad = nonfinite_entries(checkpoint)
     if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise CheckpointError(
-            f"'{path}' holds non-finite weights (NaN/inf in {', '.join(bad[:3])}{more}); "
+            f"'{path}' holds non-finite weights (NaN/inf in {describe_entries(bad)}); "
             "evaluate an earlier checkpoint of the run."
         )
 

@@ -48,7 +48,7 @@ def nonfinite_entries(checkpoint: Mapping[str, Any], keys: tuple[str, ...] = ("s
     return bad
 
 
-def _describe(entries: list[str]) -> str:
+def describe_entries(entries: list[str]) -> str:
     shown = ", ".join(entries[:3])
     return shown + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
 
@@ -76,7 +76,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if bad:
             self.refused.append(str(path))
             log.warning(
-                f"Not writing {path}: non-finite weights ({_describe(bad)}). "
+                f"Not writing {path}: non-finite weights ({describe_entries(bad)}). "
                 f"{last_finite_sentence(self.last_written)}"
             )
             return
