@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import ROOT, TINY_NFPI, run_cli
 from tests.ddp_equivalence import METHODS as EQUIVALENCE_METHODS
@@ -108,6 +109,11 @@ def test_method_trains_under_ddp_with_equal_weights_and_per_rank_noise(
     assert len({step["params"] for step in rank0}) == len(rank0)  # the weights do move
     if method in ("latent_fm", "nfpi"):
         assert all("ema" in step for step in rank0)
+    if method == "latent_fm":  # the sample grid was drawn in shares and gathered: 4 images
+        log = (tmp_path / "run" / "train.log").read_text()
+        assert "samples grid at step 4: " in log and "on each of 2 rank(s)" in log
+        grid = Image.open(next((tmp_path / "run" / "images").glob("samples_step*.png")))
+        assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # make_grid: 2×2 tiles, padding 2
 
 
 @pytest.mark.slow
