@@ -7,6 +7,7 @@ import torch
 
 from latentzoo.models.nets.dit import DiT, timestep_embedding
 from latentzoo.models.nets.unet_adm import ADMUNet
+from latentzoo.utils.errors import LatentzooError
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +94,7 @@ def test_unet_shapes_and_zero_init(mult, attn, classes, scale_shift) -> None:
 
 
 def test_unet_rejects_attention_at_a_missing_resolution() -> None:
-    with pytest.raises(ValueError, match="attention_resolutions"):
+    with pytest.raises(LatentzooError, match="attention_resolutions"):
         ADMUNet(4, 32, model_channels=32, channel_mult=[1, 2], attention_resolutions=[8])
 
 

@@ -1,16 +1,26 @@
-"""ADM UNet (Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", NeurIPS 2021).
+"""LFM's ``adm_guided`` backbone: OpenAI guided-diffusion's UNetModel (Dhariwal & Nichol,
+"Diffusion Models Beat GANs on Image Synthesis", NeurIPS 2021).
 
-The UNet backbone of Latent Flow Matching (Dao et al. 2023) for its ADM runs. Residual blocks
-with GroupNorm, timestep (and class) embedding injected by scale-shift norm
-(``GN(h)·(1 + scale) + shift``), self-attention at chosen resolutions, conv down/up-sampling,
-skip connections, and a zero-initialised output conv (so the velocity is 0 at init).
+Latent Flow Matching (Dao et al. 2023) uses it for CelebA-HQ 256/512 (its ``--use_origin_adm``
+runs). Residual blocks with GroupNorm, time (and class) embedding injected by scale-shift norm
+(``GN(h)·(1 + scale) + shift``), self-attention blocks after the res-blocks at chosen
+resolutions and in the bottleneck, conv down/up-sampling as separate blocks (no res-block
+up/down), skip connections, and zero-initialised last convs (so the velocity is 0 at init).
+LFM's ``adm`` (EDM's DhariwalUNet) is ``unet_edm.py``.
 
-``attention_resolutions`` are **latent spatial resolutions** (e.g. 16, 8, 4 for a 32×32 latent),
-not the downsample rates of the guided-diffusion code (spec §4/§12.5). The bottleneck always has
-attention. ``num_classes = 0`` is unconditional; ``class_dropout`` > 0 adds a null label row.
+Parameter names and the attention's qkv channel layout follow guided-diffusion's (its "legacy"
+attention order), so an LFM ``adm_guided`` state dict loads as is (``import_lfm``).
+
+``attention_resolutions`` are **latent spatial resolutions** (e.g. 4 for a 32×32 latent), not the
+downsample rates of the guided-diffusion code (spec §4/§12.5): LFM's ``--attn_resolution 16 8``
+with ``ch_mult 1 2 2 2`` means downsample rates 16 and 8, i.e. attention only at 4×4. The
+conversion is logged at build time. ``num_classes = 0`` is unconditional; ``class_dropout`` > 0
+adds a null label row (index ``num_classes``).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +28,9 @@ from einops import rearrange
 from torch import nn
 
 from latentzoo.models.nets.dit import timestep_embedding
+from latentzoo.utils.errors import LatentzooError
+
+log = logging.getLogger(__name__)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -31,53 +44,65 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
+    """h = in_layers(x); h = GN(h)·(1 + scale) + shift (or GN(h + e)); x + out_layers(h)."""
+
     def __init__(
         self, cin: int, cout: int, emb_dim: int, dropout: float, scale_shift: bool = True
     ) -> None:
         super().__init__()
         self.scale_shift = scale_shift
         self.in_layers = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout if scale_shift else cout))
-        self.out_norm = _norm(cout)
-        self.out_layers = nn.Sequential(
-            nn.SiLU(), nn.Dropout(dropout), _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
         )
-        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        self.out_layers = nn.Sequential(
+            _norm(cout), nn.SiLU(), nn.Dropout(dropout), _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        )
+        self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
-        e = self.emb(emb).to(h.dtype)[:, :, None, None]
+        e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
-            h = self.out_norm(h) * (1 + scale) + shift
+            h = out_rest(out_norm(h) * (1 + scale) + shift)
         else:
-            h = self.out_norm(h + e)
-        return self.skip(x) + self.out_layers(h)
+            h = self.out_layers(h + e)
+        return self.skip_connection(x) + h
 
 
 class AttentionBlock(nn.Module):
+    """Self-attention over the pixels, residual; qkv channels in guided-diffusion's legacy
+    layout (head, q/k/v, channel within head)."""
+
     def __init__(self, channels: int, heads: int = 4, head_channels: int | None = None) -> None:
         super().__init__()
         self.heads = channels // head_channels if head_channels else heads
+        if channels % self.heads:
+            raise LatentzooError(
+                f"attention over {channels} channels cannot be split into {self.heads} heads; "
+                "change num_heads / num_head_channels"
+            )
         self.norm = _norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj = _zero(nn.Conv1d(channels, channels, 1))
+        self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x).reshape(b, c, h * w))
-        q, k, v = rearrange(qkv, "b (three h d) n -> three b h n d", three=3, h=self.heads)
+        q, k, v = rearrange(qkv, "b (h three d) n -> three b h n d", three=3, h=self.heads)
         out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b (h d) n")
-        return x + self.proj(out).reshape(b, c, h, w)
+        return x + self.proj_out(out).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv(x)
+        return self.op(x)
 
 
 class Upsample(nn.Module):
@@ -99,7 +124,7 @@ class _Seq(nn.ModuleList):
 
 
 class ADMUNet(nn.Module):
-    """ADM UNet velocity net ``v(x, t, y)``.
+    """guided-diffusion ADM UNet as a velocity net ``v(x, t, y)`` (LFM's ``adm_guided``).
 
     Args:
         in_channels: latent channels (output has the same).
@@ -138,11 +163,17 @@ class ADMUNet(nn.Module):
         self.label_emb = None
         if num_classes > 0:
             self.label_emb = nn.Embedding(num_classes + int(class_dropout > 0), emb_dim)
+        levels = [input_size >> i for i in range(len(channel_mult))]
         attn = set(attention_resolutions)
-        if bad := attn - {input_size >> i for i in range(len(channel_mult))}:
-            raise ValueError(
+        if bad := attn - set(levels):
+            raise LatentzooError(
                 f"attention_resolutions {sorted(bad)} are not latent resolutions of this UNet "
-                f"(levels: {[input_size >> i for i in range(len(channel_mult))]})"
+                f"(levels {levels} for a {input_size}x{input_size} latent)"
+            )
+        if input_size % (1 << (len(channel_mult) - 1)):
+            raise LatentzooError(
+                f"latent size {input_size} cannot be halved {len(channel_mult) - 1} times; "
+                "use fewer channel_mult levels"
             )
 
         def res(cin: int, cout: int) -> ResBlock:
@@ -180,6 +211,18 @@ class ADMUNet(nn.Module):
                 self.output_blocks.append(_Seq(layers))
         self.out = nn.Sequential(
             _norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+        )
+        rates = sorted((input_size // r for r in attn), reverse=True)
+        log.info(
+            f"ADM UNet (guided-diffusion, adm_guided): "
+            f"{sum(p.numel() for p in self.parameters()) / 1e6:.2f}M parameters, attention at "
+            f"latent resolutions {sorted(attn, reverse=True)} (guided-diffusion downsample rates "
+            f"{rates}) + bottleneck, "
+            + (
+                f"{num_head_channels} channels per head"
+                if num_head_channels
+                else f"{num_heads} heads"
+            )
         )
 
     def forward(
