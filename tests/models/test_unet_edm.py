@@ -125,3 +125,24 @@ def test_bad_settings_are_refused_and_the_build_is_logged(caplog) -> None:
         DhariwalUNet(4, 8, model_channels=32, channel_mult=[1, 2], num_head_channels=32,
                      attention_resolutions=[4])  # fmt: skip
     assert "M parameters" in caplog.text and "attention at [4]" in caplog.text
+
+
+@pytest.mark.parametrize("backbone", ["adm_tiny", "adm_guided"])
+def test_backbone_configs_build_in_latent_fm_and_train_a_step(tmp_path, backbone: str) -> None:
+    import hydra
+
+    from tests.conftest import compose_config
+
+    overrides = ["model=latent_fm", f"model/backbone={backbone}", "model/autoencoder=identity",
+                 "data=proc_blobs", "data.image_size=16", "model.num_classes=3",
+                 "model.label_dropout=0.5"]  # fmt: skip
+    if backbone == "adm_guided":  # the CelebA-256 layout, narrowed for a 16x16 latent
+        overrides += ["model.backbone.model_channels=32", "model.backbone.channel_mult=[1,2,2]"]
+    model = hydra.utils.instantiate(compose_config("train", overrides, tmp_path).model)
+    images, labels = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    loss = model.step((images, labels), "train")["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and model.null_label == 3
+    # EDM/ADM zero-init: the first gradient reaches the zero-initialised output conv
+    out_conv = model.net.out_conv if backbone == "adm_tiny" else model.net.out[-1]
+    assert out_conv.weight.grad.abs().sum() > 0
