@@ -83,6 +83,15 @@ def test_imported_velocity_is_minus_lfm_velocity_at_one_minus_t(tmp_path: Path, 
             assert torch.allclose(v_null, -fx["out_null"], atol=1e-5, rtol=0)
 
 
+def test_an_experiment_preset_gets_lfm_time_and_no_ema(tmp_path: Path) -> None:
+    """latent_fm_proc_blobs sets an EMA (0.999): the import still records LFM's settings."""
+    path = run_import(tmp_path, "dit_uncond", "experiment=latent_fm_proc_blobs")
+    saved = checkpoint_config(load_checkpoint(path), path)
+    assert saved.model.ema_decay is None and saved.model.time_convention == "lfm"
+    assert saved.model.sampler.name == "euler"  # the rest of the preset is kept
+    assert "hydra" not in saved and saved.lfm_ckpt.endswith("model_475.pth")
+
+
 def test_lfm_adm_trained_without_label_dropout_refuses_guidance(tmp_path: Path) -> None:
     """LFM's ImageNet adm: null label exists (zero one-hot) but was never trained (§12.7)."""
     model = rebuild(run_import(tmp_path, "edm_adm_cond"))
