@@ -40,6 +40,7 @@ from latentzoo.models.nets.dit import DiT, convert_reference_dit_state_dict
 from latentzoo.models.nets.unet_adm import ADMUNet
 from latentzoo.models.nets.unet_edm import DhariwalUNet
 from latentzoo.paths import config_dir, setup_project_root
+from latentzoo.utils.atomic import atomic_write
 from latentzoo.utils.checkpoint import CHECKPOINT_KEY
 from latentzoo.utils.entry import run_hydra_task
 from latentzoo.utils.errors import CheckpointError, LatentzooError
@@ -175,7 +176,7 @@ def _sha256(path: Path) -> str:
 
 
 def _force_lfm_settings(cfg: DictConfig) -> None:
-    """LFM's time convention, no EMA, and the null-label flags its weights imply."""
+    """LFM's time convention (t = 0 data) and no EMA, whatever the composed preset says."""
     with open_dict(cfg):
         if cfg.model.get("time_convention") != "lfm":
             log.info("setting model.time_convention=lfm (LFM's t = 0 is data)")
@@ -183,7 +184,7 @@ def _force_lfm_settings(cfg: DictConfig) -> None:
         cfg.model.ema_decay = None
 
 
-def _null_label_settings(cfg: DictConfig, state: dict[str, torch.Tensor], target: str) -> None:
+def _null_label_settings(cfg: DictConfig, state: dict[str, torch.Tensor], backbone: type) -> None:
     """A DiT table with num_classes + 1 rows, or any class-conditional EDM net (whose null
     label is the zero one-hot), has a null label; a DiT null row means LFM trained with label
     dropout > 0, which the config must state."""
@@ -191,7 +192,7 @@ def _null_label_settings(cfg: DictConfig, state: dict[str, torch.Tensor], target
     if not num_classes:
         return
     with open_dict(cfg):
-        if target.endswith("unet_edm.DhariwalUNet"):
+        if backbone is DhariwalUNet:
             cfg.model.null_class = True
         table = state.get("y_embedder.embedding_table.weight")
         if table is not None and table.shape[0] == num_classes + 1:
@@ -221,7 +222,7 @@ def import_lfm(cfg: DictConfig) -> Path:
     state = read_lfm_checkpoint(source, unsafe_load=bool(cfg.get("unsafe_load")))
     target = cfg.model.backbone._target_
     _force_lfm_settings(cfg)
-    _null_label_settings(cfg, state, target)
+    _null_label_settings(cfg, state, hydra.utils.get_class(target))
     log.info(f"Instantiating <{cfg.model._target_}> with backbone <{target}>")
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     model.net.load_state_dict(convert_lfm_state_dict(state, model.net), strict=True)
@@ -236,9 +237,8 @@ def import_lfm(cfg: DictConfig) -> Path:
     model.on_save_checkpoint(checkpoint)  # the model's own entries (metadata, lean first stage)
     out = Path(cfg.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(out)
+    with atomic_write(out) as file:
+        torch.save(checkpoint, file)
     params = sum(p.numel() for p in model.net.parameters())
     log.info(f"wrote {out} ({type(model.net).__name__}, {params / 1e6:.2f}M parameters)")
     return out
