@@ -4,7 +4,7 @@ The fixtures in ``tests/fixtures/lfm/`` hold, for a tiny net of each LFM backbon
 the parameter names and shapes of the reference state dict, its fixed buffers, fixed inputs and
 the reference forward outputs (LFM's convention: ``net(t, x, y)``, t = 0 data). Weights are not
 stored: :func:`reference_state_dict` fills every parameter deterministically from its name, and
-the fixtures were computed from exactly those weights (scratch script outside the repo, run on
+the fixtures were computed from exactly those weights (``fixtures/lfm/make_fixtures.py``, run on
 CPU in fp32). So a test rebuilds the reference state dict, imports it into latentzoo and must
 reproduce the outputs.
 """
