@@ -159,14 +159,19 @@ def test_guided_unet_equals_lfm_guided_diffusion_unet_on_the_same_weights() -> N
 
 
 def test_guided_unet_lfm_celeba256_parameter_count_and_logged_conversion(caplog) -> None:
-    """LFM's CelebA-HQ 256 adm_guided (mult 1 2 2 2, "--attn_resolution 16 8" = latent 4x4):
-    153,099,524 parameters, counted from LFM's code."""
+    """configs/model/backbone/adm_guided.yaml = LFM's CelebA-HQ 256 adm_guided (mult 1 2 2 2,
+    "--attn_resolution 16 8" = latent 4x4): 153,099,524 parameters, counted from LFM's code."""
     import logging
 
+    import hydra
+    from omegaconf import OmegaConf
+
+    from latentzoo.paths import config_dir
+
+    backbone = OmegaConf.load(f"{config_dir()}/model/backbone/adm_guided.yaml")
     logger = "latentzoo.models.nets.unet_adm"
     with caplog.at_level(logging.INFO, logger=logger), torch.device("meta"):
-        net = ADMUNet(4, 32, model_channels=256, channel_mult=[1, 2, 2, 2],
-                      attention_resolutions=[4], num_heads=4)  # fmt: skip
+        net = hydra.utils.instantiate(backbone)(in_channels=4, input_size=32)
     assert sum(p.numel() for p in net.parameters()) == 153_099_524
     assert "latent resolutions [4] (guided-diffusion downsample rates [8])" in caplog.text
 

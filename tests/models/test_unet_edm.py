@@ -97,9 +97,17 @@ def test_layout_resampling_inside_blocks_and_attention_where_configured() -> Non
 
 def test_lfm_256px_parameter_counts_match_lfm_code() -> None:
     """LFM's FFHQ/bedroom `adm` (and ImageNet with label_dim 1000), counted from LFM's code."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from latentzoo.paths import config_dir
+
+    backbone = OmegaConf.load(f"{config_dir()}/model/backbone/adm.yaml")
     with torch.device("meta"):
         for classes, expected in [(0, 406_396_420), (1000, 407_420_420)]:
-            net = DhariwalUNet(4, 32, classes, 0.0)  # defaults = configs/model/backbone/adm.yaml
+            net = hydra.utils.instantiate(backbone)(
+                in_channels=4, input_size=32, num_classes=classes
+            )
             assert sum(p.numel() for p in net.parameters()) == expected
 
 
