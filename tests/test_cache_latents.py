@@ -185,6 +185,27 @@ def test_read_applies_scale_posterior_sample_and_flip_p(pngs: Path, tmp_path: Pa
     assert all(torch.equal(a, dm.val_dataset[j]["latent"]) for j, a in enumerate(first))
 
 
+class AutocastProbe(IdentityFirstStage):
+    """Identity that records whether the encoder ran under bf16 autocast."""
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        return super().encode(x)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_encoding_precision(precision: str, pngs: Path, tmp_path: Path) -> None:
+    probe = AutocastProbe(3)
+    manifest = cache_latents(
+        folder_dataset(pngs), probe, tmp_path, [3, SIZE, SIZE], precision=precision, limit=2
+    )
+    assert manifest["precision"] == precision and manifest["count"] == 2
+    assert probe.seen[0] == (precision == "bf16")
+    assert probe.seen[1] == torch.bfloat16 or precision == "fp32"
+    with pytest.raises(LatentzooError, match="precision"):
+        cache_latents(folder_dataset(pngs), probe, tmp_path / "x", [3, SIZE, SIZE], precision="fp8")
+
+
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(
     pngs: Path, tmp_path: Path
 ) -> None:
