@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from latentzoo.cache_latents import cache_latents, run
 from latentzoo.data.images import ImageFolderDataModule
@@ -36,6 +36,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_images(n: int = 12) -> TensorDataset:
+    """Random float images with a dark left half and labels i % 3 (also used by
+    tests/data/test_resumable_loaders.py to build a latent cache)."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 3, 8, 8, generator=gen)
+    images[:, :, :, :4] *= 0.2
+    return TensorDataset(images, torch.arange(n) % 3)
 
 
 def image_array(i: int) -> np.ndarray:
@@ -204,6 +213,16 @@ def test_encoding_precision(precision: str, pngs: Path, tmp_path: Path) -> None:
     assert probe.seen[1] == torch.bfloat16 or precision == "fp32"
     with pytest.raises(LatentzooError, match="precision"):
         cache_latents(folder_dataset(pngs), probe, tmp_path / "x", [3, SIZE, SIZE], precision="fp8")
+
+
+def test_float_images_and_labels(tmp_path: Path) -> None:
+    data = tiny_images(7)
+    cache_latents(data, IdentityFirstStage(3), tmp_path, [3, 8, 8], num_classes=3, shard_size=4)
+    raw = LatentDataset(tmp_path)
+    for i in range(7):
+        mean, _, label = raw.raw(i)
+        assert label == i % 3
+        np.testing.assert_allclose(mean, data[i][0].numpy() * 2 - 1, atol=2e-3)
 
 
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(
