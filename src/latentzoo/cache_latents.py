@@ -282,6 +282,7 @@ def make_fabric(cfg: DictConfig) -> Any:
 def _encode_task(fabric: Any, cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate_datamodule(cfg.data.copy())
     dataset = source_dataset(datamodule, cfg.split)
+    torch.manual_seed(cfg.seed)  # a first stage without trained weights is the same every run
     autoencoder: FirstStage = hydra.utils.instantiate(cfg.model.autoencoder)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     source = {"data": data, "split": cfg.split}
