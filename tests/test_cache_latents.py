@@ -296,7 +296,8 @@ def test_two_ranks_write_what_one_rank_writes(pngs: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one_process(pngs: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("launch", ["torchrun", "trainer=ddp_sim"])
+def test_two_processes_equal_one_process(launch: str, pngs: Path, tmp_path: Path) -> None:
     common = [
         "data=image_folder",
         f"data.root={pngs}",
@@ -308,14 +309,16 @@ def test_torchrun_two_processes_equal_one_process(pngs: Path, tmp_path: Path) ->
         f"paths.log_dir={tmp_path / 'logs'}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    module = ["-m", "latentzoo.cache_latents"]
+    module = [sys.executable, "-m", "latentzoo.cache_latents"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    for cmd, out in (
-        ([sys.executable, *module], "one"),
-        ([*torchrun, "--master_port", "29517", *module], "two"),
-    ):
+    two = (
+        [*torchrun, "--master_port", "29517", *module[1:], *common]
+        if launch == "torchrun"
+        else [*module, *common, "trainer=ddp_sim"]
+    )
+    for cmd, out in (([*module, *common], "one"), (two, "two")):
         done = subprocess.run(
-            [*cmd, *common, f"out={tmp_path / out}"],
+            [*cmd, f"out={tmp_path / out}"],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -323,6 +326,7 @@ def test_torchrun_two_processes_equal_one_process(pngs: Path, tmp_path: Path) ->
             timeout=300,
         )
         assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1/2 encodes shards 2..4" in done.stdout + done.stderr  # a second process ran
     assert files_of(tmp_path / "two") == files_of(tmp_path / "one")
 
 

@@ -210,7 +210,10 @@ def cache_latents(
             atomic_write_text(manifest_file, json.dumps(manifest, indent=2))
     barrier()
 
-    mine = [k for k in _shards_of(rank, world_size, manifest["num_shards"])]
+    mine = list(_shards_of(rank, world_size, manifest["num_shards"]))
+    if world_size > 1:
+        block = f"{mine[0]}..{mine[-1]}" if mine else "none"
+        log.info(f"rank {rank}/{world_size} encodes shards {block}")
     todo = [k for k in mine if not _shard_done(out, k, flips)]
     total = sum(len(shard_range(k, shard_size, count)) for k in mine)
     left = sum(len(shard_range(k, shard_size, count)) for k in todo)
