@@ -17,6 +17,7 @@ the same resize / centre crop (``preprocess``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -61,23 +62,36 @@ def decode_value(value: bytes | memoryview) -> Image.Image:
     return Image.fromarray(pixels.reshape(size, size, 3).copy(), mode="RGB")
 
 
-def _open(path: Path) -> Any:
+# resolved path -> (pid, environment): LMDB allows one handle per file and process, so all
+# datasets of a process share it; a handle inherited through fork is closed and opened anew
+_ENVS: dict[str, tuple[int, Any]] = {}
+
+
+def _env(path: Path) -> Any:
     import lmdb
 
-    return lmdb.open(
-        str(path),
-        subdir=path.is_dir(),
-        readonly=True,
-        lock=False,
-        readahead=False,
-        meminit=False,
-        max_readers=64,
-    )
+    key = str(path.resolve())
+    pid, env = _ENVS.get(key, (-1, None))
+    if env is not None and pid != os.getpid():
+        with contextlib.suppress(Exception):
+            env.close()  # this process's copy only (fds and maps of the parent stay)
+        env = None
+    if env is None:
+        env = lmdb.open(
+            str(path),
+            subdir=path.is_dir(),
+            readonly=True,
+            lock=False,
+            readahead=False,
+            meminit=False,
+            max_readers=64,
+        )
+        _ENVS[key] = (os.getpid(), env)
+    return env
 
 
 class LMDBImages(Dataset):
-    """One LMDB database of images (layout detected; module docstring). The environment is
-    opened lazily in each process (LMDB handles must not cross a fork)."""
+    """One LMDB database of images (layout detected; module docstring)."""
 
     def __init__(
         self,
@@ -89,32 +103,20 @@ class LMDBImages(Dataset):
     ) -> None:
         self.path = Path(path)
         self.image_size, self.resize, self.interpolation = image_size, resize, interpolation
-        self._env: Any = None
-        self._pid = -1
-        env = _open(self.path)
-        try:
-            with env.begin(buffers=False) as txn:
-                entries = int(txn.stat()["entries"])
-                indexed = entries > 0 and txn.get(b"0") is not None
-                indexed = indexed and txn.get(str(entries - 1).encode()) is not None
-                count = entries if limit is None else min(limit, entries)
-                self.keys: list[bytes] | None = None
-                if not indexed:  # LSUN: the first `count` keys in LMDB order
-                    cursor = txn.cursor()
-                    keys = cursor.iternext(keys=True, values=False)
-                    self.keys = [bytes(k) for k, _ in zip(keys, range(count), strict=False)]
-        finally:
-            env.close()
+        with _env(self.path).begin(buffers=False) as txn:
+            entries = int(txn.stat()["entries"])
+            indexed = entries > 0 and txn.get(b"0") is not None
+            indexed = indexed and txn.get(str(entries - 1).encode()) is not None
+            count = entries if limit is None else min(limit, entries)
+            self.keys: list[bytes] | None = None
+            if not indexed:  # LSUN: the first `count` keys in LMDB order
+                keys = txn.cursor().iternext(keys=True, values=False)
+                self.keys = [bytes(k) for k, _ in zip(keys, range(count), strict=False)]
         self.layout = "index" if self.keys is None else "keys"
         self.length = count
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_env": None, "_pid": -1}
-
     def _txn_get(self, key: bytes) -> bytes:
-        if self._env is None or self._pid != os.getpid():
-            self._env, self._pid = _open(self.path), os.getpid()
-        with self._env.begin(buffers=False) as txn:
+        with _env(self.path).begin(buffers=False) as txn:
             value = txn.get(key)
         if value is None:
             raise DatasetFormatError(f"{self.path}: key {key!r} is missing; the LMDB is incomplete")
