@@ -126,6 +126,30 @@ def test_image_folder_flat_pool_split_and_subset(tmp_path: Path) -> None:
     assert [value("test", i) for i in range(2)] == [100, 120]
 
 
+def test_reference_dataset_is_ordered_and_unaugmented(tmp_path: Path) -> None:
+    from latentzoo.data.labelled import SklearnDigitsDataModule
+    from latentzoo.utils.errors import LatentzooError
+
+    for i in range(5):
+        array = np.zeros((8, 8, 3), np.uint8)
+        array[:, :4] = 40 * i  # left half carries the index: a flip would show
+        Image.fromarray(array).save(tmp_path / f"{i:05d}.png")
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, flip=True)
+    data = dm.reference_dataset("train")
+    for _ in range(3):  # never flipped, always file order
+        assert [int(data[i][0][0, 0, 0]) for i in range(5)] == [0, 40, 80, 120, 160]
+        assert all(int(data[i][0][0, 0, 7]) == 0 for i in range(5))
+    # per-item training augmentation (labelled sets) is left out
+    digits = SklearnDigitsDataModule(augment="nfpi_cifar", image_size=8)
+    plain = digits.reference_dataset("train")
+    assert digits.datasets["train"].transform is not None and plain.transform is None
+    first = [plain[i][0] for i in range(8)]
+    assert all(torch.equal(a, plain[i][0]) for i, a in enumerate(first))
+    web = WebDatasetDataModule(train_urls=str(tmp_path / "x-{0..1}.tar"))
+    with pytest.raises(LatentzooError, match="image folder"):
+        web.reference_dataset("train")
+
+
 def test_image_folder_missing_and_empty_errors(tmp_path: Path) -> None:
     dm = ImageFolderDataModule(root=str(tmp_path / "nope"), name="celebahq256", source="SRC-URL")
     with pytest.raises(

@@ -1,5 +1,5 @@
 """DataModules: ground-truth factor sets, sequences, image sets (procedural, folders, shards,
-torchvision), multi-object scenes and cached latents."""
+LMDBs, torchvision), multi-object scenes and cached latents."""
 
 from latentzoo.data.ground_truth import (
     FactorSubset,
@@ -18,6 +18,7 @@ from latentzoo.data.labelled import (
     TorchvisionDataModule,
 )
 from latentzoo.data.latents import LatentsDataModule
+from latentzoo.data.lmdb import LMDBDataModule
 from latentzoo.data.multishapes import (
     CelebAMAFLDataModule,
     CLEVRERFramesDataModule,
@@ -33,6 +34,7 @@ __all__ = [
     "GroundTruthDataModule",
     "ImageFolderDataModule",
     "ImageNet32DataModule",
+    "LMDBDataModule",
     "LatentsDataModule",
     "ProcBlobsDataModule",
     "ProcCIFARDataModule",

@@ -4,8 +4,9 @@ shards (CIFAR-10 and the other labelled sets live in :mod:`latentzoo.data.labell
 Every loader yields ``(images float32 [B, C, H, W] in [0, 1], labels int64 [B])`` (zeros when
 unlabelled); modules expose ``image_shape`` and ``num_classes`` (0 when unlabelled). Datasets
 keep uint8 and the collate converts per batch (and applies the random horizontal flip of the
-training split). ``reference_dataloader(split)`` is the un-augmented, ordered pass that FID
-reference statistics are computed from, and ``reference_info(split)`` describes it for the cache.
+training split). ``reference_dataset(split)`` is a split's images in order and un-augmented (the
+latent cache encodes it), ``reference_dataloader(split)`` the ordered pass that FID reference
+statistics are computed from, and ``reference_info(split)`` describes it for the stats cache.
 """
 
 from __future__ import annotations
@@ -124,11 +125,19 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("test"), train=False)
 
+    def reference_dataset(self, split: str = "train") -> Dataset:
+        """The images of ``split`` in order and un-augmented (items ``(uint8 image, label)``;
+        :class:`ImageCollate` with ``flip=False`` makes batches of them). FID reference
+        statistics and the latent cache read this, never the shuffled, flipped train loader."""
+        dataset = self._dataset(split)
+        without_augment = getattr(dataset, "without_augment", None)  # per-item training transforms
+        return without_augment() if without_augment is not None else dataset
+
     def reference_dataloader(
         self, split: str = "train", batch_size: int = 100, rank: int = 0, world_size: int = 1
     ) -> DataLoader:
         """Ordered, un-augmented pass over ``split`` (this rank's strided shard under DDP)."""
-        dataset = self._dataset(split)
+        dataset = self.reference_dataset(split)
         if world_size > 1:
             dataset = Subset(dataset, range(rank, len(dataset), world_size))
         return self._loader(dataset, train=False, batch_size=batch_size)
@@ -451,6 +460,13 @@ class WebDatasetDataModule(ImageDataModule):
 
     def test_dataloader(self) -> Any:
         return self._eval_loader("test", self.batch_size)
+
+    def reference_dataset(self, split: str = "train") -> Dataset:
+        raise LatentzooError(
+            f"{self.name}: webdataset shards are a stream without indexed access, so they cannot "
+            "be cached in order or resumed; unpack them to an image folder (data=image_folder) "
+            "or an LMDB (data=lmdb_images) first"
+        )
 
     def reference_dataloader(
         self, split: str = "train", batch_size: int = 100, rank: int = 0, world_size: int = 1
