@@ -77,10 +77,6 @@ def warmup_cosine_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class _LatentBatch(tuple):
-    """(scaled latents, labels) from the latent cache, told apart from (images, labels)."""
-
-
 class LatentFlowMatching(EMACheckpoint, LatentModel):
     """Conditional flow matching on the latents of a frozen autoencoder.
 
@@ -224,11 +220,9 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
         return torch.rand(n, device=self.device)
 
     def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
-        if isinstance(batch, dict):
-            batch = _LatentBatch((batch["latent"], batch.get("label")))
-        if isinstance(batch, _LatentBatch):
-            z, y = batch[0].float(), batch[1]
-        else:
+        if isinstance(batch, dict):  # from the latent cache: already scaled
+            z, y = batch["latent"].float(), batch.get("label")
+        else:  # images in [0, 1], encoded online by the fp32 first stage
             images, y = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
             z = self.encode_images(images)
         z = z.to(self.dtype)  # the first stage runs in fp32; the net in the trainer's precision
