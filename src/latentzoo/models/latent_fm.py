@@ -363,8 +363,9 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
         guided = scale != 1.0 and y is not None
         if guided:
             self._check_guidance(scale)
-        x0 = noise if noise is not None else torch.randn(n, *self.latent_shape)
-        x0 = x0.to(self.device, torch.float32)
+        if noise is None:
+            noise = torch.randn(n, *self.latent_shape, device=self.device)
+        x0 = noise.to(self.device, torch.float32)
         net = self.ema.to(self.device).module if self.ema is not None else self.net
 
         def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
