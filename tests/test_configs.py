@@ -240,3 +240,71 @@ def test_data_dir_follows_environment(tmp_path, monkeypatch) -> None:
 def test_tiny_overrides_compose(tmp_path) -> None:
     cfg = compose_config("train", TINY, tmp_path)
     assert cfg.trainer.max_steps == 4
+
+
+# The paper's latent_fm runs (latent_fm.md §6): backbone, global batch, epochs, lr, cosine
+# schedule, DiT parameters (M, on 4x32x32 latents, §4) where the backbone is a DiT.
+LATENT_FM_PAPER = {
+    "latent_fm_celeba256_dit": ("dit_l2", 32, 500, 2e-4, False, 456.8),
+    "latent_fm_celeba256_adm": ("adm_guided_celeba", 112, 500, 2e-5, True, None),
+    "latent_fm_ffhq256_adm": ("adm", 128, 500, 2e-5, True, None),
+    "latent_fm_church256_dit": ("dit_l2", 96, 600, 1e-4, False, 456.8),
+    "latent_fm_bedroom256_adm": ("adm", 128, 500, 1e-5, False, None),
+    "latent_fm_imagenet256_ditb2": ("dit_b2", 1280, 1000, 1e-4, False, 130.3),
+}
+
+
+def test_every_latent_fm_experiment_has_an_lfm_preset() -> None:
+    papers = {e for e in options("experiment") if e.startswith("latent_fm_") and "256" in e}
+    assert papers == set(LATENT_FM_PAPER) | {f"{e}_lfm" for e in LATENT_FM_PAPER}
+
+
+@pytest.mark.parametrize("preset", ["", "_lfm"])
+@pytest.mark.parametrize("experiment", sorted(LATENT_FM_PAPER))
+def test_latent_fm_paper_experiment_recipe(experiment: str, preset: str, tmp_path) -> None:
+    backbone, batch, epochs, lr, cosine, params = LATENT_FM_PAPER[experiment]
+    if not (CONFIGS / "model" / "backbone" / f"{backbone}.yaml").is_file():
+        pytest.skip(f"model/backbone={backbone} comes from the ADM backbone branch")
+    cfg = compose_config("train", [f"experiment={experiment}{preset}"], tmp_path)
+    # trained from the latent cache that the header's command writes
+    assert cfg.data._target_.endswith("LatentsDataModule")
+    header = (CONFIGS / "experiment" / f"{experiment}.yaml").read_text()
+    cache = Path(cfg.data.path).name
+    assert cache.endswith("_sd_vae") and f"latents/{cache}'" in header
+    assert (
+        "python -m latentzoo.cache_latents data=" in header and "model/autoencoder=sd_vae" in header
+    )
+    assert cfg.model.autoencoder.scale_factor == 0.18215 and cfg.model.posterior == "sample"
+    assert cfg.data.global_batch_size == batch and list(cfg.data.image_shape) == [3, 256, 256]
+    assert cfg.trainer.max_epochs == epochs and cfg.trainer.max_steps == -1
+    assert cfg.trainer.precision == "32-true" and cfg.float32_matmul_precision == "high"
+    assert cfg.model.sampler.name == "dopri5"
+    # EMA 0.9999 by default; LFM's presets sample the raw weights
+    assert cfg.model.ema_decay == (None if preset else 0.9999)
+    if "imagenet" in experiment:
+        assert cfg.data.num_classes == 1000 and cfg.model.label_dropout == 0.1
+        assert cfg.model.cfg_scale == 1.5 and cfg.model.backbone.grad_checkpointing
+    # lr schedule: constant, or LFM's per-epoch cosine to 1e-5 over the epochs
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.model.optimizer.lr)
+    sched = hydra.utils.instantiate(cfg.model.scheduler)(optimizer=opt)
+    lrs = [sched.get_last_lr()[0]]
+    for _ in range(epochs):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs[0] == pytest.approx(lr)
+    if cosine:
+        assert cfg.model.scheduler_interval == "epoch"
+        assert lrs[-1] == pytest.approx(1e-5) and lrs[epochs // 2] == pytest.approx((lr + 1e-5) / 2)
+    else:
+        assert lrs[-1] == pytest.approx(lr)
+    if params is not None:
+        has_null = cfg.model.label_dropout > 0
+        with torch.device("meta"):
+            net = hydra.utils.instantiate(cfg.model.backbone)(
+                in_channels=4,
+                input_size=32,
+                num_classes=cfg.data.num_classes,
+                class_dropout=1.0 if has_null else 0.0,
+            )
+        assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(params, abs=0.1)

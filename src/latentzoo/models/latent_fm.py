@@ -15,16 +15,24 @@ convention). Sampling integrates the ODE from t = 0 to 1 with the EMA weights (`
 and decodes. Classifier-free guidance: labels are replaced by the null label (index
 ``num_classes``) with probability ``label_dropout``; v = v_u + s·(v_c − v_u) at sampling.
 
-Batches are ``(images in [0, 1], labels)`` (encoded on the fly) or ``{"latent", "label"}`` dicts
-from the latent cache (``data=latents``; already scaled). Capability: ``sample(n)``.
+Batches are ``{"latent", "label"}`` dicts from the latent cache (``data=latents``; already
+scaled; the paper experiments train this way) or ``(images in [0, 1], labels)`` encoded online,
+which runs the frozen first stage in fp32 at every step (for small data and smoke runs).
+Capability: ``sample(n)``.
+
+Precision: the first stage always runs in fp32 (autocast off); the velocity net runs in the
+trainer's precision, and in ``sample`` under the caller's autocast (bf16 FID sampling), while the
+ODE state stays fp32. Checkpoints leave out the frozen first stage when its config rebuilds it
+(``FirstStage.rebuilt_from_config``) and record its fingerprint, checked on load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
-from functools import partial
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -33,10 +41,12 @@ from torch import nn
 from latentzoo.models.autoencoders.base import FirstStage
 from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory
 from latentzoo.models.ema import EMA, EMACheckpoint
-from latentzoo.models.samplers import StraightPath, guided_field, solve
+from latentzoo.models.samplers import SAMPLER_KEYS, StraightPath, convert_lfm, guided_field, solve
 from latentzoo.utils.errors import CheckpointError, LatentzooError
 
 log = logging.getLogger(__name__)
+
+FIRST_STAGE = "first_stage."  # state_dict prefix of the frozen first stage
 
 
 def warmup_cosine_schedule(
@@ -44,9 +54,17 @@ def warmup_cosine_schedule(
     warmup_steps: int = 0,
     total_steps: int | None = None,
     min_lr_ratio: float = 0.0,
+    min_lr: float | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio``·lr at
-    ``total_steps`` (``None`` or ≤ 0: constant after warmup, LFM's setting for most runs)."""
+    ``total_steps`` (``None`` or ≤ 0: constant after warmup, LFM's setting for most runs).
+
+    ``min_lr`` (absolute) replaces ``min_lr_ratio``. With ``scheduler_interval: epoch``,
+    ``total_steps: <epochs>`` and ``min_lr: 1e-5`` this is LFM's ``CosineAnnealingLR(T_max =
+    epochs, eta_min = 1e-5)`` stepped once per epoch.
+    """
+    if min_lr is not None:
+        min_lr_ratio = min_lr / optimizer.param_groups[0]["lr"]
 
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
@@ -57,10 +75,6 @@ def warmup_cosine_schedule(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class _LatentBatch(tuple):
-    """(scaled latents, labels) from the latent cache, told apart from (images, labels)."""
 
 
 class LatentFlowMatching(EMACheckpoint, LatentModel):
@@ -82,7 +96,8 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
         time_convention: "latentzoo" (t = 0 noise) or "lfm" (t = 0 data; for LFM checkpoints).
         ema_decay: EMA decay (None = no EMA; sampling then uses the raw weights).
         ema_warmup: ramp the decay up as min(decay, (1+n)/(10+n)) (for short runs).
-        sampler: default solver settings: {name, steps, rtol, atol}.
+        sampler: default solver settings {name, steps, rtol, atol}; missing ones take
+            ``samplers.solve``'s defaults (dopri5, rtol = atol = 1e-5).
     """
 
     def __init__(
@@ -134,13 +149,12 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
         self.posterior, self.t_sampling = posterior, t_sampling
         self.time_convention = time_convention
         self.path = StraightPath(sigma_min)
-        self.sampler = {
-            "name": "dopri5",
-            "steps": None,
-            "rtol": 1e-5,
-            "atol": 1e-5,
-            **(sampler or {}),
-        }
+        self.sampler = dict(sampler or {})
+        if set(self.sampler) - set(SAMPLER_KEYS):
+            raise LatentzooError(
+                f"model.sampler has unknown keys {sorted(set(self.sampler) - set(SAMPLER_KEYS))}; "
+                f"known: {', '.join(SAMPLER_KEYS)}"
+            )
         if isinstance(backbone, nn.Module):
             self.net = backbone
         else:  # a Hydra partial: the shapes come from the first stage and the data
@@ -187,9 +201,7 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
         """v(x, t, y) of ``net`` (default: the raw net) in latentzoo's convention, whatever
         convention the net was trained in."""
         net = self.net if net is None else net
-        if self.time_convention == "lfm":
-            return -net(x, 1 - t, y)
-        return net(x, t, y)
+        return (convert_lfm(net) if self.time_convention == "lfm" else net)(x, t, y)
 
     def _labels(self, y: torch.Tensor | None, batch: int, train: bool) -> torch.Tensor | None:
         if not self.num_classes:
@@ -208,11 +220,9 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
         return torch.rand(n, device=self.device)
 
     def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
-        if isinstance(batch, dict):
-            batch = _LatentBatch((batch["latent"], batch.get("label")))
-        if isinstance(batch, _LatentBatch):
-            z, y = batch[0].float(), batch[1]
-        else:
+        if isinstance(batch, dict):  # from the latent cache: already scaled
+            z, y = batch["latent"].float(), batch.get("label")
+        else:  # images in [0, 1], encoded online by the fp32 first stage
             images, y = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
             z = self.encode_images(images)
         z = z.to(self.dtype)  # the first stage runs in fp32; the net in the trainer's precision
@@ -267,7 +277,7 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
             "label_dropout": self.label_dropout,
             "time_convention": self.time_convention,
             "latent_shape": self.latent_shape,
-            "first_stage": self.first_stage.name,
+            "first_stage": self.first_stage.describe(),  # checked on load when not stored
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -278,9 +288,52 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
                     f"checkpoint has {key}={meta[key]} but the model was built with "
                     f"{getattr(self, key)}; rebuild from the checkpoint's config"
                 )
+        stored = _has_first_stage(checkpoint.get("state_dict", {}))
+        if isinstance(meta.get("first_stage"), dict) and not stored:
+            self._check_first_stage(meta["first_stage"])
         if meta:
             self.label_dropout = meta.get("label_dropout", self.label_dropout)
         super().on_load_checkpoint(checkpoint)  # the EMA, applied once the raw weights are in
+
+    def _check_first_stage(self, saved: dict[str, Any]) -> None:
+        """Refuse a rebuilt first stage that is not the one the checkpoint was trained on."""
+        live = self.first_stage.describe()
+        same = (
+            saved.get("class") == live["class"]
+            and math.isclose(saved.get("scale_factor", math.nan), live["scale_factor"])
+            and math.isclose(saved.get("fingerprint", math.nan), live["fingerprint"], rel_tol=1e-6)
+        )
+        if not same:
+            raise CheckpointError(
+                f"the checkpoint was trained on first stage {saved.get('name')} "
+                f"({saved.get('class')}, scale {saved.get('scale_factor')}, fingerprint "
+                f"{saved.get('fingerprint')}) but "
+                f"model.autoencoder builds {live['name']} ({live['class']}, scale "
+                f"{live['scale_factor']}, fingerprint {live['fingerprint']}); point "
+                "model.autoencoder at the same weights"
+            )
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Leaves out the frozen first stage when its config rebuilds it (lean checkpoints)."""
+        state = super().state_dict(*args, **kwargs)
+        if self.first_stage.rebuilt_from_config:
+            prefix = kwargs.get("prefix", "") + FIRST_STAGE
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+        return state
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """A lean state_dict gets the live first stage's weights (checked against the
+        checkpoint's fingerprint in ``on_load_checkpoint``); older checkpoints hold them."""
+        if not _has_first_stage(state_dict):
+            merged = OrderedDict(state_dict)
+            merged.update((FIRST_STAGE + k, v) for k, v in self.first_stage.state_dict().items())
+            if hasattr(state_dict, "_metadata"):
+                merged._metadata = state_dict._metadata  # type: ignore[attr-defined]
+            state_dict = merged
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -294,58 +347,62 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
         noise: torch.Tensor | None = None,
         return_latents: bool = False,
     ) -> torch.Tensor:
-        """``n`` images in [0, 1] (B, C, H, W) on the model device, from the EMA weights.
+        """``n`` images in [0, 1] (B, C, H, W, fp32) on the model device, from the EMA weights
+        (the raw ones without EMA).
 
-        Labels default to class-balanced ``arange(n) % num_classes``. Sets ``last_nfe`` (calls of
+        Labels default to class-balanced ``arange(n) % num_classes``. The net runs under the
+        caller's autocast; the ODE state and the decode stay fp32. Sets ``last_nfe`` (calls of
         the guided field; a CFG pair is one doubled-batch forward, 1 NFE) and
         ``last_net_forwards`` (per-sample net evaluations: 2·NFE with CFG).
         """
-        name = sampler or self.sampler["name"]
-        steps = steps if steps is not None else self.sampler.get("steps")
         scale = self.cfg_scale if cfg_scale is None else float(cfg_scale)
         y = None
         if self.num_classes:
             y = labels if labels is not None else torch.arange(n) % self.num_classes
             y = y.long().to(self.device)
-        if scale != 1.0 and y is not None:
-            if self.null_label is None:
-                raise LatentzooError(
-                    f"cfg_scale={scale} needs a null label, but this model has none "
-                    "(trained with label_dropout 0); use cfg_scale=1"
-                )
-            if self.label_dropout == 0 and not self.allow_untrained_guidance:
-                raise LatentzooError(
-                    f"cfg_scale={scale}: the null label was never trained (label_dropout 0); "
-                    "use cfg_scale=1 or set model.allow_untrained_guidance=true"
-                )
-        x0 = (
-            noise.to(self.device)
-            if noise is not None
-            else torch.randn(n, *self.latent_shape, device=self.device)
-        )
-        if self.ema is not None:
-            net = self.ema.to(self.device).module  # always in eval mode
-            with self._fp32():
-                z, nfe = self._solve(net, x0, y, scale, name, steps)
-        else:
-            was_training = self.net.training
-            self.net.eval()
-            try:
-                with self._fp32():
-                    z, nfe = self._solve(self.net, x0, y, scale, name, steps)
-            finally:
-                self.net.train(was_training)
         guided = scale != 1.0 and y is not None
+        if guided:
+            self._check_guidance(scale)
+        if noise is None:
+            noise = torch.randn(n, *self.latent_shape, device=self.device)
+        x0 = noise.to(self.device, torch.float32)
+        net = self.ema.to(self.device).module if self.ema is not None else self.net
+
+        def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+            return self.velocity(x, t, y, net=net).float()  # the ODE state stays fp32
+
+        settings = dict(self.sampler)  # what is not set takes solve()'s defaults
+        settings.update({k: v for k, v in (("name", sampler), ("steps", steps)) if v is not None})
+        if "name" in settings:
+            settings["method"] = settings.pop("name")
+        with _eval_mode(net):
+            z, nfe = solve(guided_field(velocity, y, self.null_label, scale), x0, **settings)
         self.last_nfe, self.last_net_forwards = nfe, nfe * (2 if guided else 1)
         return z if return_latents else self.decode_latents(z)
 
-    def _solve(self, net, x0, y, scale, name, steps) -> tuple[torch.Tensor, int]:
-        field = guided_field(partial(self.velocity, net=net), y, self.null_label, scale)
-        return solve(
-            field,
-            x0,
-            method=name,
-            steps=steps,
-            rtol=self.sampler.get("rtol", 1e-5),
-            atol=self.sampler.get("atol", 1e-5),
-        )
+    def _check_guidance(self, scale: float) -> None:
+        if self.null_label is None:
+            raise LatentzooError(
+                f"cfg_scale={scale} needs a null label, but this model has none "
+                "(trained with label_dropout 0); use cfg_scale=1"
+            )
+        if self.label_dropout == 0 and not self.allow_untrained_guidance:
+            raise LatentzooError(
+                f"cfg_scale={scale}: the null label was never trained (label_dropout 0); "
+                "use cfg_scale=1 or set model.allow_untrained_guidance=true"
+            )
+
+
+def _has_first_stage(state_dict: Mapping[str, Any]) -> bool:
+    return any(k.startswith(FIRST_STAGE) for k in state_dict)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Sample in eval mode (dropout off), then restore the training flag."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

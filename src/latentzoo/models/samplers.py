@@ -28,6 +28,7 @@ Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # v(x, t), t of sh
 OWN_SOLVERS = ("euler", "midpoint", "heun", "heun_edm")
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_GRID_SOLVERS = ("rk4", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams")
+SAMPLER_KEYS = ("name", "steps", "rtol", "atol")  # a model's `sampler:` settings; name -> method
 
 
 @dataclass

@@ -6,7 +6,9 @@
 
 The latent model multiplies posterior samples by ``scale_factor`` before flow matching and
 divides before decoding. ``fingerprint()`` identifies the weights (the latent cache refuses a
-cache written by another first stage).
+cache written by another first stage). ``rebuilt_from_config`` is true when the config alone
+restores the weights (a pretrained file, or no weights): latent models then leave the first stage
+out of their checkpoints and check its fingerprint on load instead.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class FirstStage(nn.Module):
     scale_factor: float = 1.0
     latent_channels: int
     downsample: int = 1
+    rebuilt_from_config: bool = False  # randomly initialised stages are stored in checkpoints
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -60,6 +60,7 @@ class DiffusersVAE(FirstStage):
                     f"{pretrained}) and run with HF_HUB_OFFLINE=1 to use the hub cache."
                 ) from error
             self.name = f"diffusers:{Path(str(pretrained)).name}"
+            self.rebuilt_from_config = True  # checkpoints of latent models leave it out
         self.scale_factor = scale_factor
         self.latent_channels = int(self.vae.config.latent_channels)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -9,6 +9,7 @@ from latentzoo.models.autoencoders.base import FirstStage
 
 class IdentityFirstStage(FirstStage):
     name = "identity"
+    rebuilt_from_config = True  # no weights
 
     def __init__(self, channels: int = 3, scale_factor: float = 1.0) -> None:
         super().__init__()

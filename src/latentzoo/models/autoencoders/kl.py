@@ -109,6 +109,7 @@ class KLFirstStage(FirstStage):
         if ckpt_path:
             net = load_kl_net(ckpt_path)
             self.name = f"{name}:{ckpt_path}"
+            self.rebuilt_from_config = True  # checkpoints of latent models leave it out
         elif net is None:
             raise ValueError("KLFirstStage needs ckpt_path (a kl_autoencoder checkpoint) or net")
         else:
