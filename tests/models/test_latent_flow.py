@@ -12,6 +12,7 @@ import hydra
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -534,6 +535,34 @@ def test_experiments_compose(experiment: str, tmp_path: Path) -> None:
         model = hydra.utils.instantiate(cfg.model)
         assert model.frame_step == 1.0 and model.logdet_method == "rowsum"
         assert model.potentials[0].out == "tanh" and model.forces is not None
+        assert model.hj_reduction == "original" and model.ic_reduction == "mean"
+        assert model.prior_kind == "original" and model.prior_fixed_d
+        assert model.kl_kind == "softmax_surrogate" and model.weights["ic"] == 1.0
+    else:  # the latentzoo defaults
+        assert cfg.model.hj_reduction == "per_sample" and cfg.model.ic_reduction == "sum"
+        assert not cfg.model.prior_fixed_d and cfg.model.ic_weight == 0
+
+
+def readme_latent_flow_commands() -> list[list[str]]:
+    """The overrides of every ``python train.py experiment=latent_flow...`` line of the README."""
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    commands = []
+    for line in readme.read_text().splitlines():
+        if line.startswith("python train.py experiment=latent_flow"):
+            commands.append(line.split("#")[0].split()[2:])
+    return commands
+
+
+def test_readme_latent_flow_commands_compose(tmp_path: Path) -> None:
+    commands = readme_latent_flow_commands()
+    assert len(commands) >= 3
+    for overrides in commands:
+        cfg = compose_config("train", overrides, tmp_path)  # raises on an unknown key
+        assert cfg.model._target_ == "latentzoo.models.LatentFlow", overrides
+        for override in overrides:
+            key, value = override.split("=", 1)
+            if key.startswith("model."):
+                assert str(OmegaConf.select(cfg, key)) == value, override
 
 
 @pytest.mark.slow
