@@ -4,11 +4,11 @@ fixed short training budget, the loss terms and the equivariance error E_k.
 Two comparisons (``--compare``), each on ``experiment=latent_flow_proc_digits`` (offline
 MNIST stand-in, S = 3, debug sizes: latent 16, conv width 16):
 
-- ``time_scale``: ``model.potential.time_scale`` 1000 (the default: the time embedding sees
-  1000·τ) against 1 and S. With τ = t/S, u_LZ = S·u_ORIG is a reparameterisation of the
-  model, not of the loss: ∂_τ u grows with the scale, and the PDE term with its square. The
-  magnitudes at initialisation are also measured at MNIST size (latent 324, the per-resolution
-  conv trunk, S = 8).
+- ``time_scale``: ``model.potential.time_scale`` 1000 (the former default: the time embedding
+  saw 1000·τ) against S (the default now: the embedding sees the frame index) and 1. With
+  τ = t/S, u_LZ = S·u_ORIG is a reparameterisation of the model, not of the loss: ∂_τ u grows
+  with the scale, and the PDE term with its square. The magnitudes at initialisation are also
+  measured at MNIST size (latent 324, the per-resolution conv trunk, S = 8).
 - ``faithful``: the [ORIGINAL] switches of ``experiment=latent_flow_faithful`` (read from its
   ``model:`` section) against the latentzoo defaults.
 
@@ -21,7 +21,7 @@ z_0 = μ(x_0) for every setting (so that sampling noise does not enter the compa
 Usage::
 
     python benchmarks/bench_latent_flow_settings.py --compare time_scale
-        [--steps 200] [--seeds 0] [--out benchmarks/results/latent_flow_time_scale_cpu.json]
+        [--steps 400] [--seeds 0 1 2] [--out benchmarks/results/latent_flow_time_scale_cpu.json]
     python benchmarks/bench_latent_flow_settings.py --compare faithful
 """
 
@@ -171,11 +171,11 @@ def train_run(overrides: list[str], seed: int, steps: int, data: Batches) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--compare", choices=["time_scale", "faithful"], default="time_scale")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-batches", type=int, default=40, help="rendered once, cycled")
     parser.add_argument("--init-batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1: no spin-waits on a shared CPU")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

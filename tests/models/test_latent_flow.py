@@ -489,6 +489,7 @@ def test_model_config_composes_and_instantiates(tmp_path: Path) -> None:
     assert isinstance(model, LatentFlow)
     assert model.num_transforms == 4 and model.seq_len == 2 and len(model.potentials) == 4
     assert model.frame_step == pytest.approx(0.5)
+    assert model.potentials[0].time_scale == 2  # the embedding sees S·τ, the frame index
     assert model.encode(torch.rand(2, 1, 64, 64)).shape == (2, 8)
     weak = compose_config(
         "train",
