@@ -414,8 +414,9 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
                 log_p = self._prior_log_density(
                     z if create_graph else z.detach(), frame, weights, log_p
                 )
-                for key, value in (("log_q", log_q), ("log_p", log_p), ("pde", pde)):
-                    out[key].append(value)
+                out["log_q"].append(log_q)
+                out["log_p"].append(log_p)
+                out["pde"].append(pde)
                 out["pde_k"].append(pde_k)
         return out
 
