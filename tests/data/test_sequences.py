@@ -26,7 +26,12 @@ from latentzoo.data.datasets import (
     ProcDSprites,
     Shapes3D,
 )
-from latentzoo.data.datasets.sequences import affine_warp, hsv_to_rgb, hue_rotate, rgb_to_hsv
+from latentzoo.data.datasets.sequence_datasets import (
+    affine_warp,
+    hsv_to_rgb,
+    hue_rotate,
+    rgb_to_hsv,
+)
 from latentzoo.utils.distributed import instantiate_datamodule
 from tests.conftest import compose_config
 from tests.data.test_real_datasets import write_shapes3d
@@ -97,22 +102,29 @@ def test_holdout_of_start_configurations(dsprites_source: FactorSequences) -> No
     k = np.repeat(np.arange(4), 200)
     train = src.sample_starts("train", k, 2, rng)
     held = src.sample_starts("eval", k, 2, rng)
-    mask = src._eval_mask
-    assert not mask[train].any() and mask[held].all()
+    val = src.sample_starts("val", k, 2, rng)
+    mask = src._cell_split == 2  # test cells
+    val_mask = src._cell_split == 1
+    assert not mask[train].any() and mask[held].all() and not val_mask[train].any()
+    assert val_mask[val].all() and not mask[val].any()
     assert 0.15 < mask.mean() < 0.25  # eval_holdout = 0.2 of the grid cells
-    assert src.num_train == src.dataset.num_grid - int(mask.sum())
+    assert 0.03 < val_mask.mean() < 0.07  # val_holdout = 0.05 (default)
+    assert src.num_train == src.dataset.num_grid - int(mask.sum()) - int(val_mask.sum())
     # pool sizes: valid starts of posX (8 classes, S = 2 -> classes 0..5) split by the mask
     f = src.dataset.factors_of(np.arange(src.dataset.num_grid))
     valid = f[:, 4] <= 5
     assert src._pool_size("eval", 2, 2) == int((valid & mask).sum())
-    assert src._pool_size("train", 2, 2) == int((valid & ~mask).sum())
+    assert src._pool_size("train", 2, 2) == int((valid & ~mask & ~val_mask).sum())
+    assert src._pool_size("val", 2, 2) == int((valid & val_mask).sum())
     # eval_holdout 0 ([ORIGINAL]): eval draws from the training starts
-    everything = FactorSequences(src.dataset, PD_TRANSFORMS, eval_holdout=0.0)
+    everything = FactorSequences(src.dataset, PD_TRANSFORMS, eval_holdout=0.0, val_holdout=0.0)
     assert everything.num_train == src.dataset.num_grid
     starts = everything.sample_starts("eval", k, 2, rng)
     assert mask[starts].mean() < 0.4  # not restricted to the other source's held-out cells
     # start "zero" ([ORIGINAL] Shapes3D): the stepped factor always starts at class 0
-    zero = FactorSequences(src.dataset, PD_TRANSFORMS, start="zero", eval_holdout=0.0)
+    zero = FactorSequences(
+        src.dataset, PD_TRANSFORMS, start="zero", eval_holdout=0.0, val_holdout=0.0
+    )
     f = zero.dataset.factors_of(zero.sample_starts("train", k, 2, rng))
     cols = np.asarray(zero.transform_factors)[k]
     assert (f[np.arange(k.size), cols] == 0).all()
@@ -126,6 +138,8 @@ def test_factor_source_errors() -> None:
         FactorSequences(ds, ["scale", 2])
     with pytest.raises(ValueError, match="eval_holdout"):
         FactorSequences(ds, ["scale"], eval_holdout=1.0)
+    with pytest.raises(ValueError, match="val_holdout"):
+        FactorSequences(ds, ["scale"], eval_holdout=0.5, val_holdout=0.5)
     src = FactorSequences(ds, PD_TRANSFORMS)
     with pytest.raises(ValueError, match="too long for transformation 0 \\(scale\\)"):
         SequenceDataModule(src, [1, 64, 64], seq_len=3)
@@ -191,13 +205,67 @@ def test_eval_loaders_are_grouped_by_k(dsprites_source: FactorSequences) -> None
     assert all((b["k"] == b["k"][0]).all() for b in test)
     assert sum(len(b["k"]) for b in test) == 80
     assert test[0]["frames"].shape[1] == 2  # eval_seq_len + 1 frames
-    mask = dsprites_source._eval_mask
+    mask = dsprites_source._cell_split == 2
     for b in test:
         check_factor_batch(b, dsprites_source, 1)
         start = dsprites_source.dataset.index_of(b["factors"][:, 0].numpy())
         assert mask[start].all()  # evaluation sequences start only on held-out cells
     one = dm.sequences(k=3, n=5, seed=2)
     assert one["k"].tolist() == [3] * 5 and one["frames"].shape == (5, 2, 1, 64, 64)
+
+
+def train_starts(dm: SequenceDataModule, batches: int = 3) -> list[list]:
+    loader = iter(dm.train_dataloader())
+    return [next(loader)["factors"][:, 0].tolist() for _ in range(batches)]
+
+
+def test_the_run_seed_drives_the_training_draws(
+    dsprites_source: FactorSequences, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.seed null (the configs' default) follows the run seed; an explicit one wins."""
+    import lightning as L
+
+    def with_run_seed(run: int, **kw) -> list[list]:
+        L.seed_everything(run, verbose=False)  # what train.py does (exports PL_GLOBAL_SEED)
+        return train_starts(make_dm(dsprites_source, **kw))
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # restored after the test
+    run0, run0_again, run1 = with_run_seed(0), with_run_seed(0), with_run_seed(1)
+    assert run0 == run0_again
+    assert run0 != run1  # a seed sweep feeds every run its own batches
+    assert with_run_seed(0, seed=7) == with_run_seed(1, seed=7)  # explicit data.seed wins
+    assert with_run_seed(0, seed=7) != run0
+    # the evaluation sets do not follow the run seed: every run is evaluated on the same
+    L.seed_everything(0, verbose=False)
+    val0 = make_dm(dsprites_source).eval_keys("val")
+    L.seed_everything(1, verbose=False)
+    assert np.array_equal(val0, make_dm(dsprites_source).eval_keys("val"))
+    for name in ("proc_dsprites_seq", "proc_digits_seq", "mnist_seq", "shapes3d_seq"):
+        data = compose_config("train", [f"data={name}"]).data
+        assert data.seed is None and data.source.get("seed", 0) == 0, name  # content stays fixed
+
+
+def test_validation_and_test_sequences_are_disjoint(dsprites_source: FactorSequences) -> None:
+    dm = make_dm(dsprites_source, val_per_k=50, test_per_k=50)
+    val, test = dm.eval_keys("val"), dm.eval_keys("test")
+    assert val.size == test.size == 200
+    assert set(val.tolist()).isdisjoint(test.tolist())
+    # nor do they share start configurations across transformations, or with training
+    _, val_starts = dsprites_source.split_keys(val)
+    _, test_starts = dsprites_source.split_keys(test)
+    assert set(val_starts.tolist()).isdisjoint(test_starts.tolist())
+    train = np.asarray(train_starts(dm, 6)).reshape(-1, dsprites_source.dataset.num_factors)
+    train_cells = set(dsprites_source.dataset.index_of(train).tolist())
+    assert train_cells.isdisjoint(val_starts.tolist())
+    # image sequences: validation images come from the training part, never from the test split
+    images = ImageSequences(lambda p: None, np.zeros(1000), (28, 28), val_fraction=0.05)
+    image_dm = SequenceDataModule(images, [3, 28, 28], seq_len=2, val_per_k=None, test_per_k=None)
+    _, val_starts = images.split_keys(image_dm.eval_keys("val"))
+    _, test_starts = images.split_keys(image_dm.eval_keys("test"))
+    assert set(val_starts.tolist()) == set(images.split_positions["val"].tolist())
+    assert len(set(val_starts.tolist())) == 50 and len(set(test_starts.tolist())) == 200
+    assert set(val_starts.tolist()).isdisjoint(test_starts.tolist())
+    assert set(val_starts.tolist()).isdisjoint(images.split_positions["train"].tolist())
 
 
 # ---------------------------------------------------------------------- image transforms
@@ -264,7 +332,8 @@ def test_hue_table_rotates_pure_red() -> None:
 # ---------------------------------------------------------------------- MNIST-like sources
 def test_proc_digits_sequences() -> None:
     src = ProcDigitsSequences(seed=0)
-    assert src.num_train == 48_000 and src.split_positions["eval"].size == 12_000
+    assert src.num_train == 46_800 and src.split_positions["eval"].size == 12_000
+    assert src.split_positions["val"].size == 1_200  # carved from the 48k training part
     assert set(src.split_positions["train"]).isdisjoint(src.split_positions["eval"][:500])
     dm = SequenceDataModule(src, [3, 28, 28], seq_len=8, eval_seq_len=7, batch_size=6)
     assert dm.num_transforms == 3 and dm.transform_names == ["scale", "rotation", "hue"]
@@ -310,7 +379,8 @@ def write_mnist_raw(root: Path, n_train: int = 50, n_test: int = 10) -> tuple[np
 def test_mnist_sequences_from_raw_folder(tmp_path: Path) -> None:
     images, labels, _, _ = write_mnist_raw(tmp_path)
     src = MNISTSequences(tmp_path, download=False)
-    assert src.num_train == 40 and src.split_positions["eval"].size == 10
+    assert src.num_train == 39 and src.split_positions["eval"].size == 10
+    assert src.split_positions["val"].size == 1
     k = np.array([0, 1, 2, 2])
     starts = np.array([3, 0, 49, 7])
     batch = src.render(k, starts, steps=7)
@@ -324,7 +394,7 @@ def test_mnist_sequences_from_raw_folder(tmp_path: Path) -> None:
         cfg.data.batch_size = 4
     dm = instantiate_datamodule(cfg.data)
     assert dm.seq_len == 8 and dm.eval_seq_len == 7 and dm.image_shape == (3, 28, 28)
-    assert len(dm.train_dataloader()) == 10
+    assert len(dm.train_dataloader()) == 9  # 39 training images, batch 4
     train = next(iter(dm.train_dataloader()))
     assert train["frames"].shape == (4, 9, 3, 28, 28) and (train["k"] == train["k"][0]).all()
     assert sum(len(b["k"]) for b in dm.test_dataloader()) == 30  # whole 10-image split per k

@@ -12,6 +12,7 @@ import hydra
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -289,6 +290,116 @@ def test_original_switches_run() -> None:
     assert model.forces[0].fuse[-1].weight.grad is not None  # the force enters the loss
 
 
+# The original's terms on a hand-built batch. Reference numbers: the original repository's
+# modules (KingJamesSong/latent-flow, latent_flow/models/HJPDE.py and DiffPDE.py) run in float64
+# on this batch, with every MLP parameter j set to 0.9·sin(1.7·arange(numel) + j + offset)
+# (offset 0 for u, 0.5 for the force f): HJPDE.loss_pde along the trainer's rollout
+# z_t = z_{t-1} + u_z at integer time t, HJPDE.loss_ic, and DiffPDE's log-density update.
+HAND_Z = [[0.5, -1.0, 0.25, 2.0], [-0.3, 0.8, 1.5, -0.7], [1.2, 0.1, -0.9, 0.4]]
+ORIGINAL_PDE_WITH_FORCE = [0.1746171926, 0.0302752681, 0.0065310024]  # t = 1, 2, 3
+ORIGINAL_PDE_NO_FORCE = [0.1007821415, 0.0028251830, 0.0070382847]
+ORIGINAL_IC_WITH_FORCE, ORIGINAL_IC_NO_FORCE = 0.0278875378, 0.0012661395
+# DiffPDE with σ = (0.5, 2.0, 0.8, 1.5): ρ after t = 1, 2, 3 (t = 1 uses D = 1, never σ_1)
+ORIGINAL_PRIOR_LOG_P = [-0.6931471806, -0.9162902319, -1.8572640490]
+
+
+def fill_like_reference(module: nn.Module, offset: float) -> None:
+    with torch.no_grad():
+        for j, param in enumerate(module.parameters()):
+            ramp = torch.arange(param.numel(), dtype=torch.float64)
+            param.copy_((0.9 * torch.sin(1.7 * ramp + j + offset)).reshape(param.shape))
+
+
+def original_terms_flow(force: bool, **kw) -> LatentFlow:
+    """d = 4, the original's potential (hidden = d, tanh head, integer time, no rescaling)."""
+    d = 4
+    model = LatentFlow(
+        encoder=nn.Identity(),
+        decoder=nn.Identity(),
+        potential=functools.partial(PotentialMLP, dim=d, out="tanh", time_scale=1.0),
+        latent_dim=d,
+        num_transforms=2,
+        seq_len=3,
+        image_shape=[1, 2, 2],
+        time_grid="integer",
+        velocity_at="right",
+        force=force,
+        ic_weight=1.0,
+        **kw,
+    ).double()
+    fill_like_reference(model.potentials[1], 0.0)
+    if force:
+        fill_like_reference(model.forces[1], 0.5)
+    return model
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_original_hj_and_ic_terms_match_the_original_code(force: bool) -> None:
+    model = original_terms_flow(force, hj_reduction="original", ic_reduction="mean")
+    z = torch.tensor(HAND_Z, dtype=torch.float64)
+    weights = model._one_hot(1, 3).double()
+    zeros = torch.zeros(3, dtype=torch.float64)
+    out = model.flow(z, weights, 3, density=True, log_q0=zeros, log_p0=zeros, mean_weights=None)
+    expected = ORIGINAL_PDE_WITH_FORCE if force else ORIGINAL_PDE_NO_FORCE
+    torch.testing.assert_close(
+        torch.stack(out["pde"]), torch.tensor(expected, dtype=torch.float64), rtol=1e-7, atol=1e-9
+    )
+    ic = model._initial_condition(z, weights, weights.mean(0))
+    expected_ic = ORIGINAL_IC_WITH_FORCE if force else ORIGINAL_IC_NO_FORCE
+    assert float(ic) == pytest.approx(expected_ic, rel=1e-7)
+    # the latentzoo defaults give other values on the same batch
+    lz = original_terms_flow(force)
+    lz_out = lz.flow(z, weights, 1, density=True, log_q0=zeros, log_p0=zeros)
+    assert float(lz_out["pde"][0]) != pytest.approx(expected[0], rel=1e-2)
+    lz_ic = float(lz._initial_condition(z, weights, weights.mean(0)))
+    if not force:  # [LZ] sums over the d = 4 dimensions where the original averages
+        assert lz_ic == pytest.approx(4 * expected_ic, rel=1e-7)
+
+
+def test_original_hj_time_derivative_is_the_batch_sum() -> None:
+    """The original's ∂_t u is one number for the batch: Σ_b ∂u(z_b, t)/∂t."""
+    grad_z = torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 1.0]])
+    grad_t = torch.tensor([0.5, -0.25, 1.0])
+    expected = (0.5 - 0.25 + 1.0) + 0.5 * (1 + 4 + 0 + 1 + 9 + 1) / 6
+    torch.testing.assert_close(hj_residual(grad_z, grad_t, "original"), torch.full((3,), expected))
+    per_sample = grad_t + 0.5 * torch.tensor([5.0, 1.0, 10.0])
+    torch.testing.assert_close(hj_residual(grad_z, grad_t), per_sample)
+
+
+@pytest.mark.parametrize("fixed_d", [True, False])
+def test_original_prior_step_uses_the_fixed_d(fixed_d: bool) -> None:
+    model = original_terms_flow(
+        False, prior="original", prior_fixed_d=fixed_d, kl="softmax_surrogate", logdet="rowsum"
+    )
+    sigma = torch.tensor([0.5, 2.0, 0.8], dtype=torch.float64)
+    with torch.no_grad():
+        model.prior_log_std[1] = sigma.log()
+    z = torch.tensor(HAND_Z, dtype=torch.float64)
+    weights = model._one_hot(1, 3).double()
+    zeros = torch.zeros(3, 4, dtype=torch.float64)
+    out = model.flow(z, weights, 3, density=True, log_q0=zeros, log_p0=zeros)
+    got = torch.stack([log_p[0, 0] for log_p in out["log_p"]])
+    expected = torch.tensor(ORIGINAL_PRIOR_LOG_P, dtype=torch.float64)
+    if not fixed_d:  # [LZ]: step 1 uses the learnable σ_1 = 0.5: log(1 + 1/(0.25 + 1e-5))
+        expected = expected - math.log1p(1 / (0.25 + 1e-5)) + math.log(2)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+    assert bool((out["log_p"][0] == out["log_p"][0][0, 0]).all())  # the same for every dim
+    # totals (Monte-Carlo KL layout): the per-dimension decrement counts d times
+    totals = original_terms_flow(False, prior="original", prior_fixed_d=fixed_d)
+    totals.prior_log_std.data.copy_(model.prior_log_std.data)
+    out = totals.flow(z, weights, 3, density=True, log_q0=zeros[:, 0], log_p0=zeros[:, 0])
+    torch.testing.assert_close(torch.stack([lp[0] for lp in out["log_p"]]), 4 * expected)
+
+
+def test_original_switches_are_refused_where_they_mean_nothing() -> None:
+    with pytest.raises(LatentzooError, match="prior=original"):
+        original_terms_flow(False, prior_fixed_d=True)
+    with pytest.raises(LatentzooError, match="per_batch"):
+        original_terms_flow(False, hj_reduction="original", k_sampling="per_sample")
+    with pytest.raises(LatentzooError, match="hj_reduction"):
+        original_terms_flow(False, hj_reduction="mean")
+
+
 # ------------------------------------------------------------------------ shapes, capabilities
 
 
@@ -378,6 +489,7 @@ def test_model_config_composes_and_instantiates(tmp_path: Path) -> None:
     assert isinstance(model, LatentFlow)
     assert model.num_transforms == 4 and model.seq_len == 2 and len(model.potentials) == 4
     assert model.frame_step == pytest.approx(0.5)
+    assert model.potentials[0].time_scale == 2  # the embedding sees S·τ, the frame index
     assert model.encode(torch.rand(2, 1, 64, 64)).shape == (2, 8)
     weak = compose_config(
         "train",
@@ -424,6 +536,34 @@ def test_experiments_compose(experiment: str, tmp_path: Path) -> None:
         model = hydra.utils.instantiate(cfg.model)
         assert model.frame_step == 1.0 and model.logdet_method == "rowsum"
         assert model.potentials[0].out == "tanh" and model.forces is not None
+        assert model.hj_reduction == "original" and model.ic_reduction == "mean"
+        assert model.prior_kind == "original" and model.prior_fixed_d
+        assert model.kl_kind == "softmax_surrogate" and model.weights["ic"] == 1.0
+    else:  # the latentzoo defaults
+        assert cfg.model.hj_reduction == "per_sample" and cfg.model.ic_reduction == "sum"
+        assert not cfg.model.prior_fixed_d and cfg.model.ic_weight == 0
+
+
+def readme_latent_flow_commands() -> list[list[str]]:
+    """The overrides of every ``python train.py experiment=latent_flow...`` line of the README."""
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    commands = []
+    for line in readme.read_text().splitlines():
+        if line.startswith("python train.py experiment=latent_flow"):
+            commands.append(line.split("#")[0].split()[2:])
+    return commands
+
+
+def test_readme_latent_flow_commands_compose(tmp_path: Path) -> None:
+    commands = readme_latent_flow_commands()
+    assert len(commands) >= 3
+    for overrides in commands:
+        cfg = compose_config("train", overrides, tmp_path)  # raises on an unknown key
+        assert cfg.model._target_ == "latentzoo.models.LatentFlow", overrides
+        for override in overrides:
+            key, value = override.split("=", 1)
+            if key.startswith("model."):
+                assert str(OmegaConf.select(cfg, key)) == value, override
 
 
 @pytest.mark.slow

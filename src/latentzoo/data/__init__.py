@@ -24,7 +24,7 @@ from latentzoo.data.multishapes import (
     CLEVRERFramesDataModule,
     ProcMultiShapesDataModule,
 )
-from latentzoo.data.sequences import SequenceDataModule
+from latentzoo.data.sequence_datamodule import SequenceDataModule
 
 __all__ = [
     "CIFAR10DataModule",

@@ -16,8 +16,9 @@ the whole sequence and picks k by a straight-through Gumbel-softmax; a batch-agr
 the batch agree, since every batch holds one transformation).
 
 Spec: latent_flow.md. Every [ORIGINAL] code choice of the paper's repository that differs from
-the paper is a switch here (logdet=rowsum, kl=softmax_surrogate, prior=original, time=integer,
-velocity_at=right, force, ic_weight, potential out=tanh); the defaults are the [LZ] choices.
+the paper is a switch here (logdet=rowsum, kl=softmax_surrogate, prior=original +
+prior_fixed_d, hj_reduction=original, ic_reduction=mean, time_grid=integer, velocity_at=right,
+force, ic_weight, potential out=tanh); the defaults are the [LZ] choices.
 """
 
 from __future__ import annotations
@@ -88,9 +89,31 @@ def potential_derivatives(
     return grad_z, grad_t
 
 
-def hj_residual(grad_z: torch.Tensor, grad_t: torch.Tensor) -> torch.Tensor:
-    """Per-sample Hamilton–Jacobi residual ∂_τ u + ½‖∇_z u‖² (B,)."""
-    return grad_t + 0.5 * grad_z.pow(2).sum(1)
+def hj_residual(
+    grad_z: torch.Tensor, grad_t: torch.Tensor, reduction: str = "per_sample"
+) -> torch.Tensor:
+    """Hamilton–Jacobi residual ∂_τ u + ½|∇_z u|² of each sample (B,).
+
+    ``per_sample`` [LZ]: r_b = ∂_τ u(z_b) + ½‖∇_z u(z_b)‖², the equation at every point.
+    ``original`` [ORIGINAL]: the original shares one (1, 1) time tensor across the batch, so its
+    ∂_t u is the batch *sum* Σ_b ∂_τ u(z_b), and it averages the squared gradient over batch and
+    dimensions: r = Σ_b ∂_τ u_b + ½·mean_{b,d}(∇u)², one value broadcast to every sample.
+    """
+    if reduction == "per_sample":
+        return grad_t + 0.5 * grad_z.pow(2).sum(1)
+    if reduction == "original":
+        return (grad_t.sum() + 0.5 * grad_z.pow(2).mean()).expand(grad_t.shape[0])
+    raise ValueError(f"hj_reduction must be 'per_sample' or 'original', got '{reduction}'")
+
+
+def match_layout(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A log-density term in the layout of ``like``: per dimension (B, d), as the softmax
+    surrogate needs, or the total over dimensions (B,). A total is spread evenly over d."""
+    if value.dim() == like.dim():
+        return value
+    if like.dim() == 1:
+        return value.sum(1)
+    return value[:, None].expand_as(like) / like.shape[1]
 
 
 def step_log_det(
@@ -172,7 +195,10 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
         velocity_at: str = "left",
         logdet: str = "hutchinson",
         prior: str = "closed_form",
+        prior_fixed_d: bool = False,
         kl: str = "monte_carlo",
+        hj_reduction: str = "per_sample",
+        ic_reduction: str = "sum",
         posterior_sample_eval: bool = False,
         rec_weight: float = 1.0,
         kl0_weight: float = 1.0,
@@ -198,6 +224,8 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
             "logdet": (logdet, ("hutchinson", "exact", "rowsum")),
             "prior": (prior, ("closed_form", "original")),
             "kl": (kl, ("monte_carlo", "softmax_surrogate")),
+            "hj_reduction": (hj_reduction, ("per_sample", "original")),
+            "ic_reduction": (ic_reduction, ("sum", "mean")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -206,6 +234,16 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
             raise LatentzooError(
                 "model.variant=weak needs one transformation per batch (data "
                 "k_sampling=per_batch): its batch-agreement term pushes the batch to one k."
+            )
+        if hj_reduction == "original" and variant == "supervised" and k_sampling == "per_sample":
+            raise LatentzooError(
+                "model.hj_reduction=original takes batch-level sums and means, which assume one "
+                "transformation per batch: use data k_sampling=per_batch or hj_reduction=per_sample"
+            )
+        if prior_fixed_d and prior != "original":
+            raise LatentzooError(
+                "model.prior_fixed_d=true changes the original's scalar prior update; it needs "
+                "model.prior=original (the closed-form prior has no D)"
             )
         if variant == "weak" and index_net is None:
             raise LatentzooError("model.variant=weak needs model.index_net (the index predictor R)")
@@ -237,6 +275,8 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
         self.frame_step = step_size or (1.0 / seq_len if time_grid == "unit" else 1.0)
         self.substeps, self.velocity_at = substeps, velocity_at
         self.logdet_method, self.prior_kind, self.kl_kind = logdet, prior, kl
+        self.prior_fixed_d = prior_fixed_d
+        self.hj_reduction, self.ic_reduction = hj_reduction, ic_reduction
         self.posterior_sample_eval = posterior_sample_eval
         self.weights = {
             "rec": rec_weight,
@@ -255,6 +295,50 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
 
     # ---------------------------------------------------------------------------------- flow
 
+    def _tau(self, frame: int, sub: int) -> float:
+        h = self.frame_step / self.substeps
+        left = (frame - 1) * self.frame_step + sub * h
+        return left + h if self.velocity_at == "right" else left
+
+    def _active_flows(self, weights: torch.Tensor, create_graph: bool) -> list[int]:
+        """The k whose potential moves some sample; all K when training the weak variant
+        (straight-through: ∂L/∂ŷ_k needs every u_k)."""
+        if self.variant == "weak" and create_graph:
+            return list(range(self.num_transforms))
+        return [k for k in range(self.num_transforms) if bool(weights[:, k].ne(0).any())]
+
+    def _velocity_and_residuals(
+        self,
+        z: torch.Tensor,
+        tau: torch.Tensor,
+        weights: torch.Tensor,
+        active: list[int],
+        create_graph: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixture velocity Σ_k w_bk ∇u_k (B, d) and each flow's squared HJ residual (B, K)
+        (+ f_k² inside the residual when ``force``)."""
+        velocity = torch.zeros_like(z)
+        residual_sq = z.new_zeros(z.shape[0], self.num_transforms)
+        for k in active:
+            grad_z, grad_t = potential_derivatives(
+                self.potentials[k], z, tau, create_graph=create_graph
+            )
+            velocity = velocity + weights[:, k, None] * grad_z
+            residual = hj_residual(grad_z, grad_t, self.hj_reduction)
+            if self.forces is not None:
+                residual = residual + self.forces[k](z, tau).pow(2)
+            residual_sq[:, k] = residual.pow(2)
+        return velocity, residual_sq
+
+    def _pde_loss(
+        self, residual_sq: torch.Tensor, weights: torch.Tensor, mean_weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        """PDE term of one step: mean_b r²_b of the sample's flow (supervised), or
+        Σ_k p̄_k·mean_b r²_kb with p̄ the batch mean of R's one-hot (weak)."""
+        if self.variant == "weak":
+            return (mean_weights * residual_sq.mean(0)).sum()
+        return (weights * residual_sq).sum(1).mean()
+
     def _mixed_log_prior(self, z: torch.Tensor, t: int, weights: torch.Tensor) -> torch.Tensor:
         """Σ_k w_bk log p_{k,t}(z_b) per dimension (B, d); steps past training reuse the last."""
         idx = min(t, self.seq_len) - 1
@@ -263,10 +347,25 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
         per_k = gaussian_log_density(z[:, None, :], mean, log_std)  # (B, K, d)
         return (weights[:, :, None] * per_k).sum(1)
 
-    def _tau(self, frame: int, sub: int) -> float:
-        h = self.frame_step / self.substeps
-        left = (frame - 1) * self.frame_step + sub * h
-        return left + h if self.velocity_at == "right" else left
+    def _original_prior_shrink(self, t: int, weights: torch.Tensor) -> torch.Tensor:
+        """[ORIGINAL] per-dimension decrement log|1 + D/(σ²_{k,t} + 1e-5)| of log p at step t
+        (B,), D = 1. With ``prior_fixed_d`` the t = 1 step is log|1 + D| = log 2 whatever σ, as
+        the original's diffusion prior returns D itself at its first step."""
+        if t == 1 and self.prior_fixed_d:
+            return weights.sum(1) * math.log(2.0)
+        idx = min(t, self.seq_len) - 1
+        variance = torch.exp(2 * self.prior_log_std[:, idx])  # (K,)
+        return (weights * torch.log1p(1.0 / (variance + 1e-5))).sum(1)
+
+    def _prior_log_density(
+        self, z: torch.Tensor, t: int, weights: torch.Tensor, log_p: torch.Tensor
+    ) -> torch.Tensor:
+        """log p_{k,t} after step t, in the layout of the previous ``log_p``: the closed form
+        at the flowed z [LZ], or the original's scalar update of the previous value."""
+        if self.prior_kind == "closed_form":
+            return match_layout(self._mixed_log_prior(z, t, weights), log_p)
+        shrink = self._original_prior_shrink(t, weights)  # the same for every dimension
+        return log_p - match_layout(shrink[:, None].expand_as(z), log_p)
 
     def flow(
         self,
@@ -283,72 +382,54 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
         """Move z0 (B, d) for ``steps`` frames along the mixture Σ_k w_bk ∇u_k.
 
         ``weights`` (B, K): one-hot k (supervised) or R's straight-through one-hot (weak).
-        Returns ``z`` (list of steps+1 codes); with ``density`` also ``log_q``/``log_p`` (per
-        step, (B,) or per-dimension (B, d) for the softmax surrogate) and per-step ``pde``.
+        Returns ``z`` (list of steps+1 codes); with ``density`` also, per frame, ``log_q`` and
+        ``log_p`` (in the layout of ``log_q0``: (B,), or (B, d) for the softmax surrogate),
+        the PDE loss ``pde`` and the squared residuals ``pde_k`` (B, K).
         ``create_graph`` keeps the graph for training; otherwise every step is detached.
         """
         h = self.frame_step / self.substeps
-        active = [k for k in range(self.num_transforms) if bool(weights[:, k].ne(0).any())]
-        if self.variant == "weak" and create_graph:
-            active = list(range(self.num_transforms))  # straight-through: ∂L/∂ŷ_k needs every u_k
-        need_hessian = density or create_graph
-        z = z0
+        active = self._active_flows(weights, create_graph)
+        z, log_q, log_p = z0, log_q0, log_p0
         out: dict[str, Any] = {"z": [z0], "log_q": [], "log_p": [], "pde": [], "pde_k": []}
-        log_q, log_p = log_q0, log_p0
         for frame in range(1, steps + 1):
-            pde_frame, pde_k_frame = 0.0, 0.0
+            pde, pde_k = 0.0, 0.0
             for sub in range(self.substeps):
                 if not z.requires_grad:
                     z = z.detach().requires_grad_(True)
-                tau = torch.full((z.shape[0],), self._tau(frame, sub), device=z.device)
-                tau.requires_grad_(True)
-                velocity = torch.zeros_like(z)
-                residual_sq = torch.zeros(z.shape[0], self.num_transforms, device=z.device)
-                for k in active:
-                    grad_z, grad_t = potential_derivatives(
-                        self.potentials[k], z, tau, create_graph=need_hessian
-                    )
-                    velocity = velocity + weights[:, k, None] * grad_z
-                    residual = hj_residual(grad_z, grad_t)
-                    if self.forces is not None:
-                        residual = residual + self.forces[k](z, tau).pow(2)
-                    residual_sq[:, k] = residual.pow(2)
+                tau = z.new_full((z.shape[0],), self._tau(frame, sub))
+                velocity, residual_sq = self._velocity_and_residuals(
+                    z, tau.requires_grad_(True), weights, active, density or create_graph
+                )
                 if density:
-                    pde_k = residual_sq.mean(0)  # (K,) mean_b r²_kb, for logging and weak loss
-                    if self.variant == "weak":
-                        pde = (mean_weights * pde_k).sum()
-                    else:
-                        pde = (weights * residual_sq).sum(1).mean()
-                    pde_frame = pde_frame + pde / self.substeps
-                    pde_k_frame = pde_k_frame + residual_sq / self.substeps
+                    pde = pde + self._pde_loss(residual_sq, weights, mean_weights) / self.substeps
+                    pde_k = pde_k + residual_sq / self.substeps
                     log_det = step_log_det(velocity, z, h, self.logdet_method, create_graph)
-                    if log_q.dim() == 2 and log_det.dim() == 1:
-                        log_det = log_det[:, None] / z.shape[1]  # spread over dims (surrogate)
-                    elif log_q.dim() == 1 and log_det.dim() == 2:
-                        log_det = log_det.sum(1)
-                    log_q = log_q - log_det
+                    log_q = log_q - match_layout(log_det, log_q)
                 z = z + h * velocity
                 if not create_graph:
                     z = z.detach()
                     log_q = log_q.detach() if log_q is not None else None
             out["z"].append(z)
             if density:
-                z_eval = z if create_graph else z.detach()
-                if self.prior_kind == "closed_form":
-                    log_p = self._mixed_log_prior(z_eval, frame, weights)
-                else:  # [ORIGINAL] log p_t = log p_{t-1} - log|1 + D/σ²_{k,t}|, D = 1; z unused
-                    idx = min(frame, self.seq_len) - 1
-                    shrink = torch.log1p(torch.exp(-2 * self.prior_log_std[:, idx]))  # (K,)
-                    shrink = (weights * shrink).sum(1)  # (B,)
-                    log_p = log_p - (shrink[:, None] if log_p.dim() == 2 else shrink)
-                if log_q.dim() == 1:
-                    out["log_p"].append(log_p.sum(1) if log_p.dim() == 2 else log_p)
-                else:
-                    out["log_p"].append(log_p)
+                log_p = self._prior_log_density(
+                    z if create_graph else z.detach(), frame, weights, log_p
+                )
                 out["log_q"].append(log_q)
-                out["pde"].append(pde_frame)
-                out["pde_k"].append(pde_k_frame)
+                out["log_p"].append(log_p)
+                out["pde"].append(pde)
+                out["pde_k"].append(pde_k)
         return out
+
+    def _start_log_densities(
+        self, z0: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log q(z0|x) and log N(z0; 0, I): per dimension (B, d) for the softmax surrogate,
+        totals (B,) otherwise."""
+        log_q0 = gaussian_log_density(z0, mean, log_std)
+        log_p0 = gaussian_log_density(z0, torch.zeros_like(z0), torch.zeros_like(z0))
+        if self.kl_kind == "softmax_surrogate":
+            return log_q0, log_p0
+        return log_q0.sum(1), log_p0.sum(1)
 
     def _one_hot(self, k: torch.Tensor | int, batch: int) -> torch.Tensor:
         if not torch.is_tensor(k):
@@ -437,10 +518,7 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
             mean, log_std = mean.detach(), 0.5 * logvar.detach()
             z0 = mean + torch.randn_like(mean) * log_std.exp()
             weights = self._one_hot(k, frames.shape[0])
-            log_q0 = gaussian_log_density(z0, mean, log_std)
-            log_p0 = gaussian_log_density(z0, torch.zeros_like(z0), torch.zeros_like(z0))
-            if self.kl_kind != "softmax_surrogate":
-                log_q0, log_p0 = log_q0.sum(1), log_p0.sum(1)
+            log_q0, log_p0 = self._start_log_densities(z0, mean, log_std)
             out = self.flow(
                 z0,
                 weights,
@@ -515,10 +593,7 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
             mean_weights = weights.mean(0)
 
         surrogate = self.kl_kind == "softmax_surrogate"
-        log_q0 = gaussian_log_density(z0, mean, log_std)
-        log_p0 = gaussian_log_density(z0, torch.zeros_like(z0), torch.zeros_like(z0))
-        if not surrogate:
-            log_q0, log_p0 = log_q0.sum(1), log_p0.sum(1)
+        log_q0, log_p0 = self._start_log_densities(z0, mean, log_std)
         out = self.flow(
             z0,
             weights,
@@ -580,17 +655,21 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
     def _initial_condition(
         self, z0: torch.Tensor, weights: torch.Tensor, mean_weights: torch.Tensor
     ) -> torch.Tensor:
-        """[ORIGINAL] IC term mean‖∇u_k(z, 0)‖² (+ f_k(z, 0)²), weighted over k (summed over k
-        in the weak variant, not only the last k as in the original loop)."""
+        """[ORIGINAL] IC term: ‖∇u_k(z, 0)‖² (+ f_k(z, 0)²), batch mean, weighted over k (summed
+        over k in the weak variant, not only the last k as in the original loop). The squared
+        gradient is summed over dimensions (``ic_reduction: sum``) or averaged over them as in
+        the original (``mean``)."""
         if self.weights["ic"] == 0:
             return torch.zeros((), device=z0.device)
-        tau = torch.zeros(z0.shape[0], device=z0.device, requires_grad=True)
+        if not z0.requires_grad:  # a fixed code (tests, a detached posterior)
+            z0 = z0.detach().requires_grad_(True)
+        tau = z0.new_zeros(z0.shape[0]).requires_grad_(True)
         total = torch.zeros((), device=z0.device)
         for k in range(self.num_transforms):
             if not bool(weights[:, k].ne(0).any()) and self.variant != "weak":
                 continue
             grad_z, _ = potential_derivatives(self.potentials[k], z0, tau, create_graph=True)
-            value = grad_z.pow(2).sum(1)
+            value = grad_z.pow(2).sum(1) if self.ic_reduction == "sum" else grad_z.pow(2).mean(1)
             if self.forces is not None:
                 value = value + self.forces[k](z0, tau).pow(2)
             if self.variant == "weak":

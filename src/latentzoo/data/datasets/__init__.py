@@ -43,7 +43,7 @@ def __getattr__(name: str) -> Any:
 
 # transformation sequences (latent_flow) and procedural digits
 from latentzoo.data.datasets.proc_digits import ProcDigits, ProcDigitsDataModule  # noqa: E402
-from latentzoo.data.datasets.sequences import (  # noqa: E402
+from latentzoo.data.datasets.sequence_datasets import (  # noqa: E402
     FactorSequences,
     ImageSequences,
     MNISTSequences,

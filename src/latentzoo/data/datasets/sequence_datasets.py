@@ -15,10 +15,11 @@ Two kinds:
   proc_dsprites, ...): transformation k steps factor ``transform_factors[k]`` by ``+1`` class per
   frame while every other factor stays fixed; the start class of the stepped factor is uniform in
   ``[0, size - 1 - S]`` so the path stays on the grid, the other factors are uniform ([LZ]; no
-  mod-trick indexing, no carries). Frames are gathered with one batched ``images_of`` call. A
-  seeded random fraction ``eval_holdout`` of the grid cells is reserved as *evaluation start
-  configurations*: training sequences never start there, evaluation sequences only start there
-  (``eval_holdout: 0`` evaluates on training starts, as the original did).
+  mod-trick indexing, no carries). Frames are gathered with one batched ``images_of`` call.
+  Seeded random fractions of the grid cells are reserved as start configurations of the test
+  split (``eval_holdout``) and, disjoint from them, of the validation split (``val_holdout``):
+  training sequences start on neither, validation and test sequences only on their own cells
+  (``eval_holdout: 0`` tests on all starts, training ones included, as the original did).
 - :class:`ImageSequences` on a labelled image set (MNIST, proc_digits): frame t is T_k(x_0, t)
   computed from x_0 directly, with the step table (scale 1 + 0.1t, rotation 10t degrees
   counter-clockwise, hue rotation 20t degrees), warps by ``affine_grid``/``grid_sample``
@@ -26,7 +27,8 @@ Two kinds:
   are made red, channels (x, 0, 0), as the spec says, so that a hue rotation changes them. Its
   ``factors`` are (label, step of each transformation): ``[label, t_scale, t_rotation, t_hue]``
   where only the column of k is non-zero (= t). The start set is a fixed seeded 80/20 split of
-  the training images (MNIST: 48k train, 12k eval).
+  the training images (MNIST: 48k train, 12k eval = test); the validation images
+  (``val_fraction`` of the set, 1.2k) are carved from the 48k, so training uses 46.8k.
 
 A *key* ``k * num_starts + start`` names one sequence; a batch is an int64 array of keys, so the
 sampler (main process) draws k and the starts together and workers only render: any
@@ -61,7 +63,9 @@ __all__ = [
     "load_mnist",
 ]
 
-Split = Literal["train", "eval"]
+#: start pools: ``train``; ``val`` (validation, carved from the training part); ``eval``
+#: (the held-out test pool, also what metrics and callbacks draw from). The three are disjoint.
+Split = Literal["train", "val", "eval"]
 
 
 class SequenceDataset(abc.ABC):
@@ -127,8 +131,11 @@ class SequenceDataset(abc.ABC):
             raise IndexError(f"sequence key out of range for {self.num_transforms} transforms")
         return k, starts
 
-    def eval_keys(self, steps: int, per_k: int | None, seed: int) -> np.ndarray:
-        """A fixed set of evaluation keys, ``per_k`` per transformation, grouped by k.
+    def eval_keys(
+        self, steps: int, per_k: int | None, seed: int, split: Split = "eval"
+    ) -> np.ndarray:
+        """A fixed set of keys of ``split`` (``val`` or ``eval``), ``per_k`` per transformation,
+        grouped by k.
 
         ``per_k`` None means 10,000 (spec §9's default for the 3D sets).
         """
@@ -137,8 +144,11 @@ class SequenceDataset(abc.ABC):
         keys = []
         for k in range(self.num_transforms):
             ks = np.full(int(per_k), k, dtype=np.int64)
-            keys.append(self.keys_of(ks, self.sample_starts("eval", ks, steps, rng)))
+            keys.append(self.keys_of(ks, self.sample_starts(split, ks, steps, rng)))
         return np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+
+
+SPLIT_CODE = {"train": 0, "val": 1, "eval": 2}
 
 
 def _resolve_factors(names: Sequence[str], wanted: Sequence[int | str]) -> tuple[int, ...]:
@@ -166,8 +176,11 @@ class FactorSequences(SequenceDataset):
             (3D Shapes: floor_hue, wall_hue, object_hue, scale, orientation).
         start: ``"uniform"`` [LZ]: the stepped factor starts uniformly in ``[0, size-1-S]``;
             ``"zero"`` [ORIGINAL, Shapes3D]: it always starts at class 0.
-        eval_holdout: fraction of grid cells reserved as evaluation start configurations.
-        split_seed: seed of that reservation.
+        eval_holdout: fraction of grid cells reserved as test start configurations; 0 tests on
+            every start, training ones included [ORIGINAL].
+        val_holdout: fraction of grid cells reserved, disjoint from the test cells, as
+            validation start configurations (training never starts there).
+        split_seed: seed of those reservations.
     """
 
     def __init__(
@@ -176,28 +189,37 @@ class FactorSequences(SequenceDataset):
         transform_factors: Sequence[int | str],
         start: Literal["uniform", "zero"] = "uniform",
         eval_holdout: float = 0.1,
+        val_holdout: float = 0.05,
         split_seed: int = 0,
     ) -> None:
         if start not in ("uniform", "zero"):
             raise ValueError(f"start must be 'uniform' or 'zero', got {start!r}")
-        if not 0.0 <= eval_holdout < 1.0:
-            raise ValueError(f"eval_holdout must be in [0, 1), got {eval_holdout}")
+        if min(eval_holdout, val_holdout) < 0 or eval_holdout + val_holdout >= 1:
+            raise ValueError(
+                f"eval_holdout ({eval_holdout}) and val_holdout ({val_holdout}) must be >= 0 "
+                "and leave training cells (sum < 1)"
+            )
         self.dataset = dataset
         self.transform_factors = _resolve_factors(dataset.factor_names, transform_factors)
         self.transform_names = tuple(dataset.factor_names[f] for f in self.transform_factors)
         self.factor_names = tuple(dataset.factor_names)
         self.image_shape = tuple(dataset.image_shape)
         self.start = start
-        self.eval_holdout = float(eval_holdout)
+        self.eval_holdout, self.val_holdout = float(eval_holdout), float(val_holdout)
         self._sizes = np.asarray(dataset.factor_sizes, dtype=np.int64)
-        # eval start configurations: a seeded random subset of grid cells (bool per cell)
-        n = dataset.num_grid
-        self._eval_mask = (
-            np.random.default_rng([int(split_seed), 0xE7A1]).random(n) < eval_holdout
-            if eval_holdout > 0
-            else None
-        )
+        # split of each grid cell from one seeded uniform draw u: test where u < eval_holdout
+        # (the same cells as without a validation split), validation in the next val_holdout
+        u = np.random.default_rng([int(split_seed), 0xE7A1]).random(dataset.num_grid)
+        self._cell_split = np.zeros(dataset.num_grid, dtype=np.int8)  # 0 train
+        self._cell_split[u < eval_holdout + val_holdout] = SPLIT_CODE["val"]
+        self._cell_split[u < eval_holdout] = SPLIT_CODE["eval"]
         self._pools: dict[tuple[str, int, int], int] = {}
+
+    def _in_split(self, cells: np.ndarray, split: Split) -> np.ndarray:
+        """Whether the grid cells may start a sequence of ``split`` (bool, shape of cells)."""
+        if split == "eval" and self.eval_holdout == 0:  # [ORIGINAL]: test on every start
+            return np.ones(np.shape(cells), dtype=bool)
+        return self._cell_split[cells] == SPLIT_CODE[split]
 
     @property
     def num_starts(self) -> int:
@@ -205,8 +227,7 @@ class FactorSequences(SequenceDataset):
 
     @property
     def num_train(self) -> int:
-        held = 0 if self._eval_mask is None else int(self._eval_mask.sum())
-        return self.dataset.num_grid - held
+        return int((self._cell_split == SPLIT_CODE["train"]).sum())
 
     def max_steps(self, k: int) -> int:
         return int(self._sizes[self.transform_factors[k]]) - 1
@@ -215,12 +236,9 @@ class FactorSequences(SequenceDataset):
         """Number of valid start cells of transformation k in ``split``."""
         f = self.transform_factors[k]
         top = 1 if self.start == "zero" else int(self._sizes[f]) - steps
-        if self._eval_mask is None:
-            return int(np.prod(self._sizes)) // int(self._sizes[f]) * max(top, 0)
-        grid = self._eval_mask.reshape(tuple(self._sizes))
-        inside = np.take(grid, np.arange(max(top, 0)), axis=f)
-        held = int(inside.sum())
-        return held if split == "eval" else int(inside.size) - held
+        cells = np.arange(self.dataset.num_grid).reshape(tuple(self._sizes))
+        inside = np.take(cells, np.arange(max(top, 0)), axis=f)
+        return int(self._in_split(inside, split).sum())
 
     def sample_starts(
         self, split: Split, k: np.ndarray, steps: int, rng: np.random.Generator
@@ -235,26 +253,26 @@ class FactorSequences(SequenceDataset):
     def _draw(
         self, split: Split, k: int, steps: int, n: int, rng: np.random.Generator
     ) -> np.ndarray:
-        """``n`` start grid indices for k by rejection against the holdout (acceptance >= 0.1)."""
+        """``n`` start grid indices for k by rejection against the split's cells."""
         if (split, k, steps) not in self._pools:  # O(grid) count, once per (split, k, steps)
             self._pools[split, k, steps] = self._pool_size(split, k, steps)
         if self._pools[split, k, steps] == 0:
             raise ValueError(
                 f"no {split} start configuration for transformation {k} "
-                f"({self.transform_names[k]}) with {steps} steps; lower eval_holdout/seq_len"
+                f"({self.transform_names[k]}) with {steps} steps; raise eval_holdout/val_holdout "
+                "or lower seq_len"
             )
         f = self.transform_factors[k]
         top = 1 if self.start == "zero" else int(self._sizes[f]) - steps
+        valid = int(np.prod(self._sizes)) // int(self._sizes[f]) * top
+        oversample = 1.25 * valid / self._pools[split, k, steps]  # 1 / acceptance, with room
         out = np.empty(0, dtype=np.int64)
         while out.size < n:
-            m = 2 * (n - out.size) + 16
+            m = int(oversample * (n - out.size)) + 16
             factors = rng.integers(0, self._sizes, size=(m, self._sizes.size), dtype=np.int64)
             factors[:, f] = rng.integers(0, top, size=m)
             index = factors @ self.dataset.factor_bases
-            if self._eval_mask is not None:
-                keep = self._eval_mask[index] == (split == "eval")
-                index = index[keep]
-            out = np.concatenate([out, index])
+            out = np.concatenate([out, index[self._in_split(index, split)]])
         return out[:n]
 
     def frame_factors(self, k: np.ndarray, starts: np.ndarray, steps: int) -> np.ndarray:
@@ -280,7 +298,7 @@ class FactorSequences(SequenceDataset):
         return (
             f"FactorSequences({type(self.dataset).__name__}, "
             f"transforms={list(self.transform_names)}, start={self.start}, "
-            f"eval_holdout={self.eval_holdout})"
+            f"eval_holdout={self.eval_holdout}, val_holdout={self.val_holdout})"
         )
 
 
@@ -352,8 +370,10 @@ class ImageSequences(SequenceDataset):
         image_hw: (H, W) of the base images; frames are (3, H, W).
         transforms: the transformation of each k, from ``scale``, ``rotation``, ``hue``.
         steps: magnitude per step of each transformation (default: the spec's table).
-        eval_fraction: fraction of the base set held out for evaluation (seeded, fixed).
-        split_seed: seed of that split.
+        eval_fraction: fraction of the base set held out for testing (seeded, fixed).
+        val_fraction: fraction of the base set held out for validation, taken from the
+            training part (disjoint from the test images).
+        split_seed: seed of those splits.
     """
 
     factor_names: tuple[str, ...]
@@ -366,6 +386,7 @@ class ImageSequences(SequenceDataset):
         transforms: Sequence[str] = ("scale", "rotation", "hue"),
         steps: Mapping[str, float] | None = None,
         eval_fraction: float = 0.2,
+        val_fraction: float = 0.02,
         split_seed: int = 0,
     ) -> None:
         unknown = set(transforms) - set(DEFAULT_STEPS)
@@ -374,8 +395,11 @@ class ImageSequences(SequenceDataset):
                 f"transforms must be distinct names from {sorted(DEFAULT_STEPS)}, got "
                 f"{list(transforms)}"
             )
-        if not 0.0 < eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        if min(eval_fraction, val_fraction) <= 0 or eval_fraction + val_fraction >= 1:
+            raise ValueError(
+                f"eval_fraction ({eval_fraction}) and val_fraction ({val_fraction}) must be > 0 "
+                "and leave training images (sum < 1)"
+            )
         self._images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform_names = tuple(transforms)
@@ -385,7 +409,12 @@ class ImageSequences(SequenceDataset):
         self.image_shape = (3, *image_hw)
         order = np.random.default_rng([int(split_seed), 0x5B1]).permutation(self.labels.size)
         n_eval = int(round(eval_fraction * self.labels.size))
-        self.split_positions = {"eval": np.sort(order[:n_eval]), "train": np.sort(order[n_eval:])}
+        n_val = max(1, int(round(val_fraction * self.labels.size)))
+        self.split_positions = {  # the test images do not depend on val_fraction
+            "eval": np.sort(order[:n_eval]),
+            "val": np.sort(order[n_eval : n_eval + n_val]),
+            "train": np.sort(order[n_eval + n_val :]),
+        }
 
     @property
     def num_starts(self) -> int:
@@ -404,9 +433,12 @@ class ImageSequences(SequenceDataset):
         pool = self.split_positions[split]
         return pool[rng.integers(0, pool.size, size=np.shape(k))]
 
-    def eval_keys(self, steps: int, per_k: int | None, seed: int) -> np.ndarray:
-        """The whole eval split for every k (``per_k`` None), or its first ``per_k`` images."""
-        pool = self.split_positions["eval"]
+    def eval_keys(
+        self, steps: int, per_k: int | None, seed: int, split: Split = "eval"
+    ) -> np.ndarray:
+        """The whole ``split`` (``val`` or ``eval``) for every k (``per_k`` None), or its first
+        ``per_k`` images."""
+        pool = self.split_positions[split]
         if per_k is not None:
             pool = pool[: int(per_k)]
         ks = np.repeat(np.arange(self.num_transforms, dtype=np.int64), pool.size)
@@ -493,6 +525,7 @@ class MNISTSequences(ImageSequences):
         transforms: Sequence[str] = ("scale", "rotation", "hue"),
         steps: Mapping[str, float] | None = None,
         eval_fraction: float = 0.2,
+        val_fraction: float = 0.02,
         split_seed: int = 0,
     ) -> None:
         images, labels = load_mnist(root, download)
@@ -505,6 +538,7 @@ class MNISTSequences(ImageSequences):
             transforms,
             steps,
             eval_fraction,
+            val_fraction,
             split_seed,
         )
 
@@ -524,6 +558,7 @@ class ProcDigitsSequences(ImageSequences):
         transforms: Sequence[str] = ("scale", "rotation", "hue"),
         steps: Mapping[str, float] | None = None,
         eval_fraction: float = 0.2,
+        val_fraction: float = 0.02,
         split_seed: int = 0,
         cache: bool = True,
     ) -> None:
@@ -535,6 +570,7 @@ class ProcDigitsSequences(ImageSequences):
             transforms,
             steps,
             eval_fraction,
+            val_fraction,
             split_seed,
         )
 

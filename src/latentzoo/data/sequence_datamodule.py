@@ -1,8 +1,9 @@
 """DataModule of transformation sequences for latent_flow (``shared/specs/latent_flow.md`` §2, §7).
 
 Batches are dicts ``{"frames": float32 (B, S+1, C, H, W) in [0, 1], "k": int64 (B,),
-"factors": int64 (B, S+1, F)}`` from a :class:`~latentzoo.data.datasets.sequences.SequenceDataset`
-source (3D Shapes, Falcor3D, Isaac3D, proc_dsprites, MNIST, proc_digits).
+"factors": int64 (B, S+1, F)}`` from a
+:class:`~latentzoo.data.datasets.sequence_datasets.SequenceDataset` source (3D Shapes,
+Falcor3D, Isaac3D, proc_dsprites, MNIST, proc_digits).
 
 Sampling. A batch sampler in the main process draws the transformation(s) k *and* the start
 configurations of a batch together and hands the worker one array of sequence keys; the worker
@@ -13,14 +14,19 @@ without workers).
 - ``k_sampling: per_batch`` [ORIGINAL, default]: one k for the whole batch (the weak variant
   needs it); ``per_sample``: k drawn independently per sequence.
 - Training draws ``epoch_size`` sequences per epoch (default: the number of training starts),
-  starts uniformly with replacement, seeded by ``(seed, epoch, rank)``. Under DDP each rank
+  starts uniformly with replacement, seeded by ``(seed, epoch, rank)``. ``seed`` null (the
+  configs' default) is the run seed, so a seed sweep feeds every run its own batches; what the
+  sequences are made of (which procedural digits, the split of the starts) has its own fixed
+  seeds in the source. Under DDP each rank
   draws its own ``ceil(batches / world_size)`` batches of the epoch (the sampler is a
   ``DistributedSampler`` subclass that Lightning leaves alone). The training loader is a
   :class:`~latentzoo.data.resumable.ResumableLoader`: its position (epoch, batches done) is saved
   in the checkpoint and a resumed run continues the epoch's draws where it stopped.
-- Validation and test use a fixed, k-grouped set of sequences (``val_per_k`` / ``test_per_k``
-  per transformation, ``eval_seq_len`` steps), every batch holding one k; image sets use the
-  whole held-out split when ``*_per_k`` is null (MNIST: 12k per k).
+- Validation and test use fixed, k-grouped sets of sequences (``val_per_k`` / ``test_per_k``
+  per transformation, ``eval_seq_len`` steps, drawn with ``eval_seed``, the same for every run),
+  every batch holding one k. They start in disjoint pools of the source: validation never sees
+  a test sequence (the source's ``val`` and ``eval`` splits). Image sets use the whole split
+  when ``*_per_k`` is null (MNIST test: 12k per k).
 """
 
 from __future__ import annotations
@@ -33,8 +39,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from latentzoo.data.datasets.sequences import SequenceBatches, SequenceDataset
-from latentzoo.data.resumable import ResumableLoader, ResumableSampler, rank_and_world
+from latentzoo.data.datasets.sequence_datasets import SequenceBatches, SequenceDataset
+from latentzoo.data.resumable import (
+    ResumableLoader,
+    ResumableSampler,
+    rank_and_world,
+    run_seed,
+)
 
 __all__ = ["EvalSequenceSampler", "SequenceDataModule", "TrainSequenceSampler"]
 
@@ -118,9 +129,11 @@ class SequenceDataModule(L.LightningDataModule):
         k_sampling: ``per_batch`` (one k per batch) or ``per_sample``.
         batch_size: sequences per batch.
         epoch_size: training sequences per epoch; null: the number of training starts.
-        val_per_k, test_per_k: evaluation sequences per transformation; null: the whole held-out
-            split for image sets, 10,000 for factor sets (spec §9).
-        seed: seed of the training draws and of the fixed evaluation sets.
+        val_per_k, test_per_k: evaluation sequences per transformation; null: the whole split
+            for image sets, 10,000 for factor sets (spec §9).
+        seed: seed of the training draws; null: the run seed (``seed_everything``'s).
+        eval_seed: seed of the fixed validation and test sets (not the run seed, so that every
+            run of a sweep is evaluated on the same sequences).
         num_workers, pin_memory: DataLoader settings.
     """
 
@@ -136,7 +149,8 @@ class SequenceDataModule(L.LightningDataModule):
         epoch_size: int | None = None,
         val_per_k: int | None = 256,
         test_per_k: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
+        eval_seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
@@ -166,7 +180,8 @@ class SequenceDataModule(L.LightningDataModule):
         self.epoch_size = epoch_size
         self.val_per_k = val_per_k
         self.test_per_k = test_per_k
-        self.seed = int(seed)
+        self.seed = None if seed is None else int(seed)
+        self.eval_seed = int(eval_seed)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self._eval_keys: dict[str, np.ndarray] = {}
@@ -201,12 +216,18 @@ class SequenceDataModule(L.LightningDataModule):
         n = self.epoch_size if self.epoch_size is not None else self.source.num_train
         return max(1, int(n) // self.batch_size)
 
+    @property
+    def sampling_seed(self) -> int:
+        """Seed of the training draws: ``seed``, or the run seed when it is null."""
+        return run_seed() if self.seed is None else self.seed
+
     def eval_keys(self, stage: Literal["val", "test"]) -> np.ndarray:
-        """The fixed evaluation sequence keys of ``stage`` (grouped by k)."""
+        """The fixed evaluation sequence keys of ``stage`` (grouped by k), from the source's
+        validation or test pool."""
         if stage not in self._eval_keys:
-            per_k = self.val_per_k if stage == "val" else self.test_per_k
-            seed = self.seed if stage == "val" else self.seed + 1
-            self._eval_keys[stage] = self.source.eval_keys(self.eval_seq_len, per_k, seed)
+            per_k, split = (self.val_per_k, "val") if stage == "val" else (self.test_per_k, "eval")
+            seed = self.eval_seed if stage == "val" else self.eval_seed + 1
+            self._eval_keys[stage] = self.source.eval_keys(self.eval_seq_len, per_k, seed, split)
         return self._eval_keys[stage]
 
     def _loader(self, sampler: Sampler, steps: int) -> DataLoader:
@@ -228,7 +249,7 @@ class SequenceDataModule(L.LightningDataModule):
             self.batch_size,
             self._num_train_batches(),
             self.k_sampling,
-            self.seed,
+            self.sampling_seed,
         )
         return self._loader(sampler, self.seq_len)
 
