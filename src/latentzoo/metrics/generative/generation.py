@@ -200,7 +200,7 @@ def generate_into(
     writers = writers or []
 
     def sink(images: torch.Tensor, chunk: range) -> None:
-        metrics.add_fake(images)
+        metrics.add_fake(images, chunk)
         if writers:
             array = images.permute(0, 2, 3, 1).cpu().numpy()
             for writer in writers:

@@ -56,8 +56,9 @@ def batch_images(batch: Any) -> torch.Tensor:
         if key is None:
             raise LatentzooError(
                 f"FID reference: the data yields {{{', '.join(map(str, batch))}}} batches without "
-                "images (a latent cache?); give the datamodule a reference_dataloader over its "
-                "source images or pass metrics.fid.reference_path=<mu/sigma .npz>"
+                "images (a latent cache?); set metrics.fid.reference_path (eval) or "
+                "callbacks.fid.reference_path (training) to a mu/sigma .npz, or give the "
+                "datamodule a reference_dataloader over its source images"
             )
         batch = batch[key]
     if not isinstance(batch, torch.Tensor) or batch.dim() != 4:

@@ -125,6 +125,7 @@ class GenerativeMetrics:
         self._kid_features: torch.Tensor | None = None
         self._kid_seen = 0
         self._kid_rng = torch.Generator().manual_seed(0)
+        self._fake_index: list[torch.Tensor | None] = []
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -155,16 +156,20 @@ class GenerativeMetrics:
             self._kid_features[slots[keep].to(feats.device)] = rest[keep.to(feats.device)]
         self._kid_seen += feats.shape[0]
 
-    def add_fake(self, images: torch.Tensor) -> None:
+    def add_fake(self, images: torch.Tensor, index: range | None = None) -> None:
+        """Add generated images; ``index`` (their global sample indices) lets KID put all ranks'
+        features in sample order, so its subsets do not depend on the sharding."""
         feats = self.features(images)
         self.fid.update(feats, real=False)
         if self.kid is not None:
             self.kid.update(feats.float(), real=False)
+            self._fake_index.append(None if index is None else torch.as_tensor(index))
 
     def reset_fake(self) -> None:
         self.fid.reset()  # reset_real_features=False keeps the reference
         if self.kid is not None:
             self.kid.reset()
+        self._fake_index: list[torch.Tensor | None] = []
 
     def reference(self, meta: dict[str, Any]) -> ReferenceStats:
         """Reference statistics from the real state (summed over ranks)."""
@@ -232,6 +237,9 @@ class GenerativeMetrics:
         local = list(self.kid.fake_features)
         empty = torch.empty(0, self.kid_features_dim, device=self.device)
         fake = _all_ranks(torch.cat(local) if local else empty)
+        if all(i is not None for i in self._fake_index):  # the same on every rank
+            index = torch.cat([torch.empty(0, dtype=torch.long), *self._fake_index])
+            fake = fake[_all_ranks(index.to(self.device)).argsort()]
         self._kid_fake_count = n_fake = fake.shape[0]
         n_ref = 0 if self._kid_features is None else self._kid_features.shape[0]
         if min(n_fake, n_ref) < self.kid_subset_size:

@@ -138,7 +138,7 @@ def reference_stats(
     if path is None:
         if stats_dir is None:
             raise LatentzooError("reference_stats needs stats_dir or path")
-        name = f"{info.get('dataset', 'data')}-{split}-{info.get('image_shape', ['?'])[-1]}px"
+        name = f"{info.get('dataset', 'data')}-{split}-{(info.get('image_shape') or ['?'])[-1]}px"
         path = Path(stats_dir, f"{name}-{settings_hash(meta)}.npz")
     path = Path(path)
     if path.is_file():
