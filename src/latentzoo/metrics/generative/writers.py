@@ -60,8 +60,8 @@ def sample_writers(
     world_size: int = 1,
 ) -> list[NpzWriter | PngWriter]:
     """Writers for ``mode`` (png | npz | both | None); ``count`` is this rank's sample count.
-    Under DDP the npz is ``samples_rank<r>of<w>.npz`` (concatenate them in rank order for ADM's
-    evaluator)."""
+    Under DDP the npz is ``samples_rank<r>of<w>.npz``; together they hold every sample once
+    (concatenate them for ADM's evaluator; the PNG names are the global sample indices)."""
     if mode not in SAVE_MODES:
         raise LatentzooError(f"save_samples must be png, npz, both or null, not {mode!r}")
     writers: list[NpzWriter | PngWriter] = []
