@@ -181,3 +181,36 @@ def test_two_gloo_ranks_score_what_one_rank_scores(tmp_path: Path) -> None:
             assert values[key] == pytest.approx(single[key], rel=1e-7), key
         assert values["nfe"] == pytest.approx(single["nfe"])
     assert single["fid"] > 0.01 and single["kid_mean"] != 0
+
+
+def test_latent_fm_through_the_nfe_and_fid_metrics(tmp_path: Path) -> None:
+    """The real latent model: euler 3 steps with CFG is NFE 3 and 6 net forwards, in bf16 too."""
+    import functools
+
+    from latentzoo.models import LatentFlowMatching
+    from latentzoo.models.autoencoders import IdentityFirstStage
+    from latentzoo.models.nets.dit import DiT
+
+    torch.manual_seed(0)
+    model = LatentFlowMatching(
+        functools.partial(DiT, size=None, depth=1, hidden_size=32, num_heads=2, patch_size=2),
+        IdentityFirstStage(3),
+        [3, 8, 8],
+        num_classes=3,
+        label_dropout=0.1,
+        ema_decay=None,
+    )
+    options = dict(sampler="euler", steps=3, cfg_scale=1.5)
+    out = NFEEvaluator(num_samples=4, precision="bf16", **options)(model, Classes())
+    assert out["nfe"] == 3 and out["net_forwards"] == 6
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(16), sigma=np.eye(16))
+    fid = FIDEvaluator(
+        num_samples=8,
+        batch_size=4,
+        extractor="tiny",
+        kid=False,
+        reference_path=str(tmp_path / "ref.npz"),
+        output_dir=str(tmp_path),
+        **options,
+    )(model, Classes())
+    assert np.isfinite(fid["fid"]) and fid["nfe"] == 3 and fid["net_forwards"] == 6
