@@ -12,6 +12,8 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from latentzoo.metrics.capabilities import require_capabilities
@@ -71,6 +73,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         for results in trainer.test(model, datamodule=datamodule):
             metrics.update({key: float(value) for key, value in results.items()})
 
+    if cfg.get("metrics"):
+        start_processes(trainer)
     model.to(trainer.strategy.root_device)  # metrics encode/sample on the eval device
     for name, metric_cfg in (cfg.get("metrics") or {}).items():
         evaluator = hydra.utils.instantiate(metric_cfg)
@@ -79,6 +83,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         values = evaluator(model=model, datamodule=datamodule)
         metrics.update({f"{name}/{key}": float(value) for key, value in values.items()})
 
+    if not trainer.is_global_zero:  # every rank holds the same (reduced) metrics
+        return metrics, {"cfg": cfg, "model": model, "datamodule": datamodule, "trainer": trainer}
     print_metrics_table(metrics, title=f"eval: {Path(cfg.ckpt_path).name} (step {step})")
     output = Path(cfg.paths.output_dir, "metrics.json")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +98,22 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output.write_text(json.dumps(report, indent=2))
     log.info(f"Metrics written to {output}")
     return metrics, {"cfg": cfg, "model": model, "datamodule": datamodule, "trainer": trainer}
+
+
+def start_processes(trainer: L.Trainer) -> None:
+    """Under a multi-process trainer (``trainer=ddp``, torchrun, SLURM) whose test loop did not
+    run, start the other ranks and the process group, so metrics shard their sampling."""
+    if trainer.world_size == 1 or torch.distributed.is_initialized():
+        return
+    launcher = trainer.strategy.launcher
+    if launcher is not None and not isinstance(launcher, _SubprocessScriptLauncher):
+        raise LatentzooError(
+            f"eval metrics cannot run under {type(launcher).__name__} (ddp_spawn); use "
+            "trainer.strategy=ddp or torchrun"
+        )
+    if launcher is not None:
+        launcher.launch(lambda: None)  # the other ranks re-run this command up to here
+    trainer.strategy.setup_environment()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval.yaml")

@@ -17,12 +17,15 @@ log = RankedLogger(__name__, rank_zero_only=True)
 
 class FIDCallback(L.Callback):
     """Every ``every_n_steps`` training steps (and at the end of training), sample
-    ``num_samples`` images and log their FID against cached statistics of the datamodule's
-    ``reference_split`` as ``val/fid``.
+    ``num_samples`` images and log their FID as ``val/fid``, against ``reference_path`` (an
+    ``.npz`` of mu/sigma, e.g. ADM's reference batch; what training on a latent cache without a
+    source-image loader needs) or cached statistics of the datamodule's ``reference_split``.
 
     Under DDP every rank samples its share, the reference state sits on rank 0, and torchmetrics
-    sum-reduces the statistics, so all ranks get the same value. The extractor is built lazily
-    on the module's device and kept out of the LightningModule (no Inception in checkpoints).
+    sum-reduces the statistics, so all ranks get the same value. ``<key>_nfe``,
+    ``<key>_net_forwards`` and ``<key>_images_per_second`` are logged with it. The extractor is
+    built lazily on the module's device and kept out of the LightningModule (no Inception in
+    checkpoints).
     """
 
     def __init__(
@@ -34,11 +37,13 @@ class FIDCallback(L.Callback):
         steps: int | None = None,
         cfg_scale: float | None = None,
         labels: str = "balanced",
+        precision: str = "fp32",
         extractor: str = "inception",
         weights_path: str | None = None,
         reference_split: str = "train",
         reference_num_images: int | None = None,
         reference_batch_size: int = 100,
+        reference_path: str | None = None,
         stats_dir: str | None = None,
         seed: int = 0,
         key: str = "val/fid",
@@ -48,11 +53,13 @@ class FIDCallback(L.Callback):
         self.batch_size = batch_size
         self.sample_kwargs = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale}
         self.labels = labels
+        self.precision = precision
         self.extractor = extractor
         self.weights_path = weights_path
         self.reference_split = reference_split
         self.reference_num_images = reference_num_images
         self.reference_batch_size = reference_batch_size
+        self.reference_path = reference_path
         self.stats_dir = stats_dir
         self.seed = seed
         self.key = key
@@ -75,6 +82,7 @@ class FIDCallback(L.Callback):
                 num_images=self.reference_num_images,
                 batch_size=self.reference_batch_size,
                 stats_dir=stats_dir,
+                path=self.reference_path,
             )
             self.metrics.set_reference(stats)
         return self.metrics
@@ -87,8 +95,9 @@ class FIDCallback(L.Callback):
         fid, timing = self._fid(trainer, pl_module)
         log.info(f"{self.key} at step {step}: {fid:.3f} ({self.num_samples} samples)")
         values = {self.key: fid}
-        if "nfe" in timing:
-            values[f"{self.key}_nfe"] = timing["nfe"]
+        for name in ("nfe", "net_forwards", "images_per_second"):
+            if name in timing:
+                values[f"{self.key}_{name}"] = timing[name]
         pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
 
     def _fid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[float, dict]:
@@ -105,6 +114,7 @@ class FIDCallback(L.Callback):
             self.labels,
             self.sample_kwargs,
             self.seed,
+            precision=self.precision,
         )
         return metrics.compute()["fid"], timing  # identical on every rank after the reduction
 
