@@ -81,6 +81,7 @@ class Run:
     config: dict[str, Any] | None = None
     resumed: int = 0  # starts that continued from the run's own checkpoint (resume.json)
     record: dict[str, Any] | None = None  # the metrics.json as written
+    evaluates: str | None = None  # an eval run: the checkpoint it evaluated
 
     @property
     def ok(self) -> bool:
@@ -176,6 +177,12 @@ def _training_run_of(ckpt_path: str) -> Path | None:
     return run if (run / ".hydra" / "overrides.yaml").is_file() else None
 
 
+def evaluated_label(ckpt: str | Path) -> str:
+    """An eval row's extra grouping value, keeping it apart from its training run's row:
+    ``last`` (the final weights) or ``best`` (any other checkpoint: a selected one)."""
+    return "last" if Path(ckpt).name == "last.ckpt" else "best"
+
+
 def is_eval_run(run: Run) -> bool:
     """An eval.py run: its saved config says so, or (no config) its record names a checkpoint."""
     if run.config is not None:
@@ -187,6 +194,7 @@ def _adopt_training_overrides(run: Run) -> None:
     ckpt = run.overrides.get("ckpt_path") or (run.record or {}).get("ckpt_path")
     if not ckpt or not is_eval_run(run):
         return
+    run.evaluates = str(ckpt)
     train_dir = _training_run_of(ckpt)
     if train_dir is None:
         return
@@ -194,7 +202,7 @@ def _adopt_training_overrides(run: Run) -> None:
         yaml.safe_load((train_dir / ".hydra" / "overrides.yaml").read_text()) or []
     )
     own = {k: v for k, v in run.overrides.items() if not _matches(k, EVAL_IGNORED)}
-    run.overrides = {**trained, **own}
+    run.overrides = {**trained, **own, "evaluated": evaluated_label(ckpt)}
     config_file = train_dir / ".hydra" / "config.yaml"  # defaults of the grouping keys
     run.config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
 
@@ -583,10 +591,11 @@ def evaluate_runs(
     eval.py ``overrides`` (skipping those evaluated before) and return the eval runs, carrying
     their training runs' overrides; unfinished or failed ones are returned as problems."""
     run_dirs = find_run_dirs(paths)
-    train_runs = [run for run in map(read_run, run_dirs) if not is_eval_run(run)]
+    train_runs = [run for run in map(read_run, run_dirs) if run.evaluates is None]
     if not train_runs:
         raise FileNotFoundError(f"no training runs under {', '.join(map(str, paths))}")
     tag = eval_tag(ckpt, overrides)
+    own = {k: v for k, v in parse_overrides(overrides).items() if not _matches(k, EVAL_IGNORED)}
     results: list[Run] = []
     for position, run in enumerate(train_runs, start=1):
         eval_dir = run.path / EVAL_DIR / tag
@@ -597,7 +606,8 @@ def evaluate_runs(
             if show:
                 print(f"{label}: not evaluated ({why})", flush=True)
             error = f"not evaluated: training {why}" if run.status != "completed" else why
-            results.append(Run(run.path, run.overrides, "failed", error=error, config=run.config))
+            keys = {**run.overrides, **own, "evaluated": ckpt}
+            results.append(Run(run.path, keys, "failed", error=error, config=run.config))
             continue
         if not _evaluated(eval_dir, checkpoint):
             if show:
@@ -609,15 +619,12 @@ def evaluate_runs(
                 print(f"{label}: {outcome} in {time.perf_counter() - started:.0f} s", flush=True)
             if not ok:
                 error = f"eval failed: {output.strip().splitlines()[-1] if output.strip() else ''}"
-                results.append(Run(eval_dir, run.overrides, "failed", error=error))
+                keys = {**run.overrides, **own, "evaluated": ckpt}
+                results.append(Run(eval_dir, keys, "failed", error=error, config=run.config))
                 continue
         elif show:
             print(f"{label}: evaluated before, skipped", flush=True)
-        evaluated = read_run(eval_dir)
-        own = {k: v for k, v in evaluated.overrides.items() if not _matches(k, EVAL_IGNORED)}
-        evaluated.overrides = {**run.overrides, **own}
-        evaluated.config = run.config
-        results.append(evaluated)
+        results.append(read_run(eval_dir))  # with the training run's overrides
     return results
 
 
