@@ -219,7 +219,7 @@ def _write_eval(ckpt: Path, overrides, out_dir: Path) -> None:
     beta, seed = train_overrides["model.beta"], int(train_overrides["seed"])
     make_run(
         out_dir,
-        [f"ckpt_path={ckpt}", *overrides],
+        [f"ckpt_path='{ckpt}'", *overrides],  # quoted, as collect's eval command line has it
         _eval_record(ckpt, beta, seed),
         {"task_name": "eval", "ckpt_path": str(ckpt)},
     )

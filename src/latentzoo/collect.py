@@ -191,7 +191,8 @@ def is_eval_run(run: Run) -> bool:
 
 
 def _adopt_training_overrides(run: Run) -> None:
-    ckpt = run.overrides.get("ckpt_path") or (run.record or {}).get("ckpt_path")
+    # the record's path is resolved; the override may carry Hydra quotes ('...')
+    ckpt = (run.record or {}).get("ckpt_path") or run.overrides.get("ckpt_path", "").strip("'\"")
     if not ckpt or not is_eval_run(run):
         return
     run.evaluates = str(ckpt)
