@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+import latentzoo.collect as collect_module
 from latentzoo.collect import collect, main, parse_overrides, summarize
 from latentzoo.train import train
 from latentzoo.utils import NonFiniteLossError
@@ -184,3 +185,134 @@ def test_real_multirun_then_collect(tmp_path: Path) -> None:
     assert row["n"] == "2" and row["failed"] == "0"
     assert float(row["test/loss_mean"]) == pytest.approx(losses.mean())
     assert float(row["test/loss_std"]) == pytest.approx(np.std(losses, ddof=1))
+
+
+# ------------------------------------------------------------------- collect --eval (canonical)
+
+EVAL = ["metrics=disentanglement"]
+# the canonical scores per (beta, seed) that the fake eval.py reports
+MIG = {("1", s): 0.2 + 0.1 * s for s in range(3)} | {("4", s): 0.4 + 0.05 * s for s in range(3)}
+
+
+def _eval_record(ckpt: Path, beta: str, seed: int) -> dict:
+    """An eval.py metrics.json: the canonical preset's keys, the protocol it ran with."""
+    mig = MIG[(beta, seed)]
+    metrics = {
+        "test/loss": 50.0 + seed,
+        "disentanglement/mig/mig": mig,
+        "disentanglement/factor_vae/eval_accuracy": 2 * mig,
+        "disentanglement/sap/sap": mig / 10,
+    }
+    protocol = {"preset": "default", "seed": 0, "settings": {"mig": {"num_train": 10000}}}
+    return {
+        "ckpt_path": str(ckpt.resolve()),
+        "global_step": 100,
+        "metrics": metrics,
+        "protocols": {"disentanglement": protocol},
+    }
+
+
+def _write_eval(ckpt: Path, overrides, out_dir: Path) -> None:
+    """What eval.py leaves in its run dir: .hydra/{overrides,config}.yaml and metrics.json."""
+    run = ckpt.parent.parent
+    train_overrides = parse_overrides(yaml.safe_load((run / ".hydra/overrides.yaml").read_text()))
+    beta, seed = train_overrides["model.beta"], int(train_overrides["seed"])
+    make_run(
+        out_dir,
+        [f"ckpt_path='{ckpt}'", *overrides],  # quoted, as collect's eval command line has it
+        _eval_record(ckpt, beta, seed),
+        {"task_name": "eval", "ckpt_path": str(ckpt)},
+    )
+
+
+@pytest.fixture
+def trained_sweep(tmp_path: Path) -> Path:
+    """2 configurations x 3 seeds of finished training runs with last.ckpt, in the layout train
+    writes; training numbers (fast preset, best checkpoint) that collect --eval must not use;
+    the first two runs already evaluated (an interrupted collect --eval); one crashed run."""
+    sweep = tmp_path / "multiruns" / "2026-01-02_00-00-00"
+    for job, (beta, seed) in enumerate(sorted(MIG)):
+        run = sweep / str(job)
+        metrics = {"test/loss": 99.0, "disentanglement/fast/mig/mig": 0.9}
+        best = run / "checkpoints" / "step_000050.ckpt"
+        record = {
+            "status": "completed",
+            "global_step": 100,
+            "metrics": metrics,
+            "best_model_path": str(best),
+        }
+        config = {"task_name": "train", "model": {"beta": float(beta)}, "seed": seed}
+        make_run(run, [f"model.beta={beta}", f"seed={seed}"], record, config)
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        best.write_bytes(b"weights")
+        if job < 2:
+            ckpt = run / "checkpoints" / "last.ckpt"
+            _write_eval(ckpt, EVAL, run / "eval" / collect_module.eval_tag("last", EVAL))
+    crashed = {"status": "failed", "global_step": 7, "metrics": {}, "error": "RuntimeError: boom"}
+    make_run(sweep / "6", ["model.beta=4", "seed=3"], crashed, {"task_name": "train"})
+    return sweep
+
+
+class FakeEval:
+    """Stands in for the eval.py child process; counts what it was asked to evaluate."""
+
+    def __init__(self) -> None:
+        self.calls: list[Path] = []
+
+    def __call__(self, ckpt: Path, overrides, out_dir: Path) -> tuple[bool, str]:
+        self.calls.append(ckpt)
+        _write_eval(ckpt, overrides, out_dir)
+        return True, ""
+
+
+def test_collect_eval_averages_canonical_numbers_over_seeds(trained_sweep: Path) -> None:
+    fake = FakeEval()
+    summary = collect([trained_sweep], eval_overrides=EVAL, runner=fake, show=False)
+    # resumed: the two runs evaluated before are skipped; the crashed run is not evaluated
+    assert sorted(p.parent.parent.name for p in fake.calls) == ["2", "3", "4", "5"]
+    assert all(p.name == "last.ckpt" for p in fake.calls)  # final weights by default
+    assert summary.keys == ["model.beta"]  # grouped by training overrides minus the seed
+    assert [g.values for g in summary.groups] == [("1",), ("4",)]
+    assert "disentanglement/fast/mig/mig" not in summary.metrics  # training numbers unused
+    for group, beta in zip(summary.groups, ("1", "4"), strict=True):
+        expected = [MIG[(beta, s)] for s in range(3)]
+        mean, std, n = group.stats("disentanglement/mig/mig")
+        assert n == 3 and mean == pytest.approx(np.mean(expected))
+        assert std == pytest.approx(np.std(expected, ddof=1))
+    (problem,) = summary.problems
+    assert problem.status == "failed" and "not evaluated" in problem.error
+    tables = json.loads((trained_sweep / "collect_last-metrics-disentanglement.json").read_text())
+    assert tables["groups"][1]["disentanglement/mig/mig"]["n"] == 3
+    # again: everything is evaluated, nothing runs
+    again = FakeEval()
+    collect([trained_sweep], eval_overrides=EVAL, runner=again, show=False)
+    assert again.calls == []
+
+
+def test_collect_eval_best_checkpoint_and_failures(trained_sweep: Path) -> None:
+    def broken(ckpt: Path, overrides, out_dir: Path) -> tuple[bool, str]:
+        return False, "Traceback ...\nLatentzooError: no factors"
+
+    summary = collect([trained_sweep], eval_overrides=EVAL, ckpt="best", runner=broken, show=False)
+    assert not summary.metrics and len(summary.problems) == 7
+    assert any("LatentzooError: no factors" in (run.error or "") for run in summary.problems)
+
+
+def test_clg_format_and_plain_collect_keep_eval_rows_apart(trained_sweep: Path) -> None:
+    summary = collect(
+        [trained_sweep], eval_overrides=EVAL, runner=FakeEval(), show=False, fmt="clg"
+    )
+    header, rows = summary.clg_rows()
+    assert header[:4] == ["model.beta", "n", "FactorVAE", "β-VAE"]
+    assert header[4:] == ["MIG", "DCI-D", "DCI-C", "DCI-I", "SAP", "modularity", "explicitness"]
+    # beta=1: MIG 0.2, 0.3, 0.4 -> 30.0 (10.0) in percent; FactorVAE = 2 x MIG
+    assert rows[0][2] == "60.0 (20.0)" and rows[0][4] == "30.0 (10.0)" and rows[0][3] == "—"
+    assert rows[0][8] == "3.0 (1.0)"  # SAP
+    assert (trained_sweep / "collect_last-metrics-disentanglement_clg.md").is_file()
+    # a plain collect of the tree: eval rows grouped with their seeds, apart from training rows
+    plain = summarize([trained_sweep])
+    assert "evaluated" in plain.keys and "seed" not in plain.keys
+    rows = {g.values: len(g.completed) for g in plain.groups}
+    evaluated = plain.keys.index("evaluated")
+    assert sorted(n for v, n in rows.items() if v[evaluated] == "last") == [3, 3]

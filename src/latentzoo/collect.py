@@ -2,13 +2,24 @@
 
     python train.py -m experiment=beta_vae_proc_dsprites seed=0,1,2,3,4
     python -m latentzoo.collect logs/train/multiruns/<time>
+    python -m latentzoo.collect logs/train/multiruns/<time> --eval metrics=disentanglement
+
+``--eval OVERRIDES`` first evaluates every finished training run's chosen checkpoint
+(``--ckpt last``, the final weights, as disentanglement_lib; or ``best``) with ``eval.py`` and
+those overrides, into ``<run>/eval/<ckpt>-<overrides>/``; runs evaluated before with the same
+checkpoint are skipped, so an interrupted collect resumes. The table then holds the eval
+numbers (e.g. the canonical disentanglement preset), grouped by the training overrides.
+Eval run dirs found anywhere are grouped by the overrides of the training run that wrote their
+checkpoint (not by ``ckpt_path``), so seeds average. ``--format clg`` also writes the CLG-VAE
+paper's layout (percent, one decimal, its column order).
 
 Each run dir (one with ``.hydra/overrides.yaml``) contributes its ``metrics.json`` (written by
 the train task at the end of a run, or with status ``failed`` when it crashed). Runs are grouped
 by the overrides that vary across runs, except ``seed`` and ``--ignore`` keys; per group the
 mean and sample standard deviation (ddof=1) of every selected metric are written to
-``<out>.csv`` and ``<out>.md`` (default ``<out>`` = ``<sweep>/collect``), one row per run to
-``<out>_runs.csv``, and the table is printed. Failed or unfinished runs are listed, not dropped.
+``<out>.csv``, ``<out>.json`` and ``<out>.md`` (default ``<out>`` = ``<sweep>/collect``), one
+row per run to ``<out>_runs.csv``, and the table is printed. Failed or unfinished runs are
+listed, not dropped.
 
 Each run's state is printed next to its metrics: ``finished``, ``failed``, ``interrupted``
 (Ctrl-C / SIGTERM), or ``running or killed`` (no ``metrics.json``: a run writes it when it ends,
@@ -25,8 +36,10 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +52,20 @@ ALWAYS_IGNORED = ("seed",)
 MISSING = "—"
 RESUME_FILE = "resume.json"  # latentzoo.utils.resume: the run's starts and resume count
 STATES = {"completed": "finished", "missing": "no metrics"}
+EVAL_DIR = "eval"  # <train run>/eval/<ckpt>-<overrides>/: collect --eval's eval runs
+EVAL_IGNORED = ("ckpt_path", "hydra.*")  # eval overrides that say where, not what
+# The CLG-VAE paper's columns (lie_vae.md §8): (header, score keys in order of preference)
+CLG_COLUMNS = (
+    ("FactorVAE", ("factor_vae/eval_accuracy",)),
+    ("β-VAE", ("beta_vae/eval_accuracy",)),
+    ("MIG", ("mig/mig",)),
+    ("DCI-D", ("dci/disentanglement",)),
+    ("DCI-C", ("dci/completeness",)),
+    ("DCI-I", ("dci/informativeness_test",)),
+    ("SAP", ("sap/sap", "sap/sap_continuous")),
+    ("modularity", ("modularity/modularity",)),
+    ("explicitness", ("modularity/explicitness_test",)),
+)
 
 
 @dataclass
@@ -53,6 +80,8 @@ class Run:
     global_step: int | None = None
     config: dict[str, Any] | None = None
     resumed: int = 0  # starts that continued from the run's own checkpoint (resume.json)
+    record: dict[str, Any] | None = None  # the metrics.json as written
+    evaluates: str | None = None  # an eval run: the checkpoint it evaluated
 
     @property
     def ok(self) -> bool:
@@ -128,14 +157,55 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def read_run(path: Path) -> Run:
-    """Read one run dir; a missing or unreadable ``metrics.json`` gives status ``missing``."""
+    """Read one run dir; a missing or unreadable ``metrics.json`` gives status ``missing``.
+
+    An eval run takes the overrides of the training run whose checkpoint it evaluated (plus its
+    own, minus where-keys such as ``ckpt_path``), so that its seeds group together."""
     run = _read_record(path)
+    _adopt_training_overrides(run)
     try:
         history = json.loads((path / RESUME_FILE).read_text())
         run.resumed = int(history.get("resumed", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         pass
     return run
+
+
+def _training_run_of(ckpt_path: str) -> Path | None:
+    """The run dir that wrote ``<run>/checkpoints/<name>.ckpt``, if it is one."""
+    run = Path(ckpt_path).parent.parent
+    return run if (run / ".hydra" / "overrides.yaml").is_file() else None
+
+
+def evaluated_label(ckpt: str | Path) -> str:
+    """An eval row's extra grouping value, keeping it apart from its training run's row:
+    ``last`` (the final weights) or ``best`` (any other checkpoint: a selected one)."""
+    return "last" if Path(ckpt).name == "last.ckpt" else "best"
+
+
+def is_eval_run(run: Run) -> bool:
+    """An eval.py run: its saved config says so, or (no config) its record names a checkpoint."""
+    if run.config is not None:
+        return run.config.get("task_name") == "eval"
+    return "ckpt_path" in (run.record or {})
+
+
+def _adopt_training_overrides(run: Run) -> None:
+    # the record's path is resolved; the override may carry Hydra quotes ('...')
+    ckpt = (run.record or {}).get("ckpt_path") or run.overrides.get("ckpt_path", "").strip("'\"")
+    if not ckpt or not is_eval_run(run):
+        return
+    run.evaluates = str(ckpt)
+    train_dir = _training_run_of(ckpt)
+    if train_dir is None:
+        return
+    trained = parse_overrides(
+        yaml.safe_load((train_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    )
+    own = {k: v for k, v in run.overrides.items() if not _matches(k, EVAL_IGNORED)}
+    run.overrides = {**trained, **own, "evaluated": evaluated_label(ckpt)}
+    config_file = train_dir / ".hydra" / "config.yaml"  # defaults of the grouping keys
+    run.config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
 
 
 def _read_record(path: Path) -> Run:
@@ -166,7 +236,9 @@ def _read_record(path: Path) -> Run:
     error = record.get("error")
     if status == "completed" and not metrics:
         status, error = "missing", "metrics.json has no metrics"
-    return Run(path, overrides, status, metrics, error, record.get("global_step"), config)
+    run = Run(path, overrides, status, metrics, error, record.get("global_step"), config)
+    run.record = record
+    return run
 
 
 # ----------------------------------------------------------------------------- grouping
@@ -283,6 +355,70 @@ class Summary:
                     row += list(group.stats(metric))
                 writer.writerow(row)
 
+    def write_json(self, path: Path) -> None:
+        """Per group: its key values, n, failed and {metric: {mean, std, n}} (NaN -> null)."""
+
+        def number(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        groups = []
+        for group in self.groups:
+            stats = {}
+            for metric in self.metrics:
+                mean, std, n = group.stats(metric)
+                stats[metric] = {"mean": number(mean), "std": number(std), "n": n}
+            n = len(group.completed)
+            values = dict(zip(self.keys, group.values, strict=True))
+            groups.append({"values": values, "n": n, "failed": len(group.runs) - n, **stats})
+        path.write_text(json.dumps({"keys": self.keys, "groups": groups}, indent=2))
+
+    def clg_columns(self) -> list[tuple[str, str | None]]:
+        """(header, metric name or None) of the CLG-VAE paper's columns: the shortest logged
+        name ending in the column's score key (the canonical preset before ``clg/...``)."""
+        names = select_metrics(self.runs, None)
+        columns = []
+        for header, keys in CLG_COLUMNS:
+            found = None
+            for key in keys:
+                matches = [n for n in names if n == key or n.endswith("/" + key)]
+                if matches:
+                    found = min(matches, key=len)
+                    break
+            columns.append((header, found))
+        return columns
+
+    def clg_rows(self) -> tuple[list[str], list[list[str]]]:
+        """The CLG-VAE layout: mean (std) over seeds in percent with one decimal."""
+        columns = self.clg_columns()
+        header = [*(self.keys or ["runs"]), "n", *(h for h, _ in columns)]
+        rows = []
+        for group in self.groups:
+            n = len(group.completed)
+            row = [*(group.values or ("all",)), str(n)]
+            for _, metric in columns:
+                mean, std, count = group.stats(metric) if metric else (math.nan, math.nan, 0)
+                if count == 0:
+                    row.append(MISSING)
+                else:
+                    spread = "" if math.isnan(std) else f" ({100 * std:.1f})"
+                    row.append(f"{100 * mean:.1f}{spread}")
+            rows.append(row)
+        return header, rows
+
+    def clg_markdown(self, root: Path) -> str:
+        header, rows = self.clg_rows()
+        used = [f"{h} = {m}" for h, m in self.clg_columns() if m]
+        lines = [
+            f"# CLG-VAE layout: {root}",
+            "",
+            "Mean (sample std, ddof=1) over seeds, in %. Columns: " + "; ".join(used) + ".",
+            "",
+            "| " + " | ".join(_md(h) for h in header) + " |",
+            "|" + "|".join("---" for _ in header) + "|",
+        ]
+        lines += ["| " + " | ".join(_md(cell) for cell in row) + " |" for row in rows]
+        return "\n".join(lines) + "\n"
+
     def write_runs_csv(self, path: Path, root: Path) -> None:
         override_keys = list(dict.fromkeys(k for run in self.runs for k in run.overrides))
         with path.open("w", newline="") as file:
@@ -396,7 +532,112 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+EvalRunner = Callable[[Path, Sequence[str], Path], tuple[bool, str]]
+
+
+def eval_tag(ckpt: str, overrides: Sequence[str]) -> str:
+    """The eval run dir's name under ``<run>/eval/``: the checkpoint choice and the overrides."""
+    text = "-".join([ckpt, *overrides]).replace("=", "-")
+    return re.sub(r"[^A-Za-z0-9_.,+-]+", "_", text)[:150]
+
+
+def checkpoint_of(run: Run, which: str) -> Path | None:
+    """``last``: ``<run>/checkpoints/last.ckpt`` (the final weights: train rewrites it at the
+    last step); ``best``: the run's best-by-validation checkpoint. None when absent."""
+    if which == "last":
+        path: Path | None = run.path / "checkpoints" / "last.ckpt"
+    elif which == "best":
+        best = (run.record or {}).get("best_model_path")
+        path = Path(best) if best else None
+    else:
+        raise ValueError(f"--ckpt must be last or best, got {which!r}")
+    return path if path is not None and path.is_file() else None
+
+
+def run_eval(ckpt: Path, overrides: Sequence[str], out_dir: Path) -> tuple[bool, str]:
+    """``python -m latentzoo.eval ckpt_path=<ckpt> <overrides>`` into ``out_dir``, in a child
+    process (a fresh Hydra); (succeeded, the tail of its output)."""
+    command = [
+        sys.executable,
+        "-m",
+        "latentzoo.eval",
+        f"ckpt_path='{ckpt}'",
+        *overrides,
+        f"hydra.run.dir='{out_dir}'",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    return done.returncode == 0, (done.stderr or done.stdout)[-3000:]
+
+
+def _evaluated(eval_dir: Path, ckpt: Path) -> bool:
+    """Whether ``eval_dir`` holds a finished eval of ``ckpt`` (collect --eval resumes)."""
+    try:
+        record = json.loads((eval_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    same = Path(str(record.get("ckpt_path", ""))).resolve() == ckpt.resolve()
+    return same and record.get("status", "completed") == "completed" and bool(record.get("metrics"))
+
+
+def evaluate_runs(
+    paths: Sequence[str | Path],
+    overrides: Sequence[str],
+    ckpt: str = "last",
+    runner: EvalRunner = run_eval,
+    show: bool = True,
+) -> list[Run]:
+    """Evaluate the chosen checkpoint of every finished training run below ``paths`` with
+    eval.py ``overrides`` (skipping those evaluated before) and return the eval runs, carrying
+    their training runs' overrides; unfinished or failed ones are returned as problems."""
+    run_dirs = find_run_dirs(paths)
+    train_runs = [run for run in map(read_run, run_dirs) if run.evaluates is None]
+    if not train_runs:
+        raise FileNotFoundError(f"no training runs under {', '.join(map(str, paths))}")
+    tag = eval_tag(ckpt, overrides)
+    own = {k: v for k, v in parse_overrides(overrides).items() if not _matches(k, EVAL_IGNORED)}
+    results: list[Run] = []
+    for position, run in enumerate(train_runs, start=1):
+        eval_dir = run.path / EVAL_DIR / tag
+        checkpoint = checkpoint_of(run, ckpt) if run.status == "completed" else None
+        label = f"[{position}/{len(train_runs)}] {run.path.name}"
+        if checkpoint is None:
+            why = run.state if run.status != "completed" else f"no {ckpt} checkpoint"
+            if show:
+                print(f"{label}: not evaluated ({why})", flush=True)
+            error = f"not evaluated: training {why}" if run.status != "completed" else why
+            keys = {**run.overrides, **own, "evaluated": ckpt}
+            results.append(Run(run.path, keys, "failed", error=error, config=run.config))
+            continue
+        if not _evaluated(eval_dir, checkpoint):
+            if show:
+                print(f"{label}: evaluating {checkpoint.name} ...", flush=True)
+            started = time.perf_counter()
+            ok, output = runner(checkpoint, overrides, eval_dir)
+            if show:
+                outcome = "done" if ok else "FAILED"
+                print(f"{label}: {outcome} in {time.perf_counter() - started:.0f} s", flush=True)
+            if not ok:
+                error = f"eval failed: {output.strip().splitlines()[-1] if output.strip() else ''}"
+                keys = {**run.overrides, **own, "evaluated": ckpt}
+                results.append(Run(eval_dir, keys, "failed", error=error, config=run.config))
+                continue
+        elif show:
+            print(f"{label}: evaluated before, skipped", flush=True)
+        results.append(read_run(eval_dir))  # with the training run's overrides
+    return results
+
+
 # ----------------------------------------------------------------------------- entry points
+
+
+def summarize_runs(
+    runs: Sequence[Run], metrics: Sequence[str] | None = None, ignore: Sequence[str] = ()
+) -> Summary:
+    """Group ``runs`` by the overrides that vary between them, except seed and ``ignore``."""
+    keys = grouping_keys(runs, ignore)
+    return Summary(keys, select_metrics(runs, metrics), group_runs(runs, keys), list(runs))
 
 
 def summarize(
@@ -410,14 +651,15 @@ def summarize(
         raise FileNotFoundError(
             f"no run dirs (with .hydra/overrides.yaml) under {', '.join(map(str, paths))}"
         )
-    runs = [read_run(path) for path in run_dirs]
-    keys = grouping_keys(runs, ignore)
-    return Summary(keys, select_metrics(runs, metrics), group_runs(runs, keys), runs)
+    return summarize_runs([read_run(path) for path in run_dirs], metrics, ignore)
 
 
 def default_root(paths: Sequence[str | Path]) -> Path:
     """The directory the outputs go to by default: the common parent of ``paths``."""
     return Path(os.path.commonpath([Path(p).resolve() for p in paths]))
+
+
+FORMATS = ("table", "clg")
 
 
 def collect(
@@ -426,21 +668,40 @@ def collect(
     ignore: Sequence[str] = (),
     out: str | Path | None = None,
     show: bool = True,
+    eval_overrides: Sequence[str] | None = None,
+    ckpt: str = "last",
+    fmt: str = "table",
+    runner: EvalRunner = run_eval,
 ) -> Summary:
-    """Summarise, write ``<out>.csv``, ``<out>.md`` and ``<out>_runs.csv``, print the table."""
-    summary = summarize(paths, metrics, ignore)
+    """Summarise (after evaluating, with ``eval_overrides``), write ``<out>.csv``, ``.json``,
+    ``.md`` and ``<out>_runs.csv`` (``fmt="clg"``: also ``<out>_clg.md``), print the table."""
+    if fmt not in FORMATS:
+        raise LookupError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if eval_overrides is not None:
+        runs = evaluate_runs(paths, eval_overrides, ckpt, runner, show)
+        summary = summarize_runs(runs, metrics, ignore)
+    else:
+        summary = summarize(paths, metrics, ignore)
     if metrics and not summary.metrics:
         available = ", ".join(select_metrics(summary.runs, None)) or "none"
         raise LookupError(f"no metric matches {' '.join(metrics)}; available: {available}")
     root = default_root(paths)
-    prefix = Path(out) if out else (root if root.is_dir() else root.parent) / "collect"
+    default = "collect" if eval_overrides is None else f"collect_{eval_tag(ckpt, eval_overrides)}"
+    prefix = Path(out) if out else (root if root.is_dir() else root.parent) / default
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_csv(prefix.with_name(prefix.name + ".csv"))
+    written = [prefix.with_name(prefix.name + suffix) for suffix in (".csv", ".json", ".md")]
+    summary.write_csv(written[0])
+    summary.write_json(written[1])
+    written[2].write_text(summary.markdown(root))
     summary.write_runs_csv(prefix.with_name(prefix.name + "_runs.csv"), root)
-    prefix.with_name(prefix.name + ".md").write_text(summary.markdown(root))
+    if fmt == "clg":
+        written.append(prefix.with_name(prefix.name + "_clg.md"))
+        written[-1].write_text(summary.clg_markdown(root))
     if show:
         summary.print(root)
-        print(f"wrote {prefix}.csv, {prefix}.md, {prefix}_runs.csv")
+        if fmt == "clg":
+            print(summary.clg_markdown(root))
+        print(f"wrote {', '.join(str(p) for p in written)}, {prefix}_runs.csv")
     return summary
 
 
@@ -467,12 +728,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out",
-        help="output prefix: writes <out>.csv, <out>.md, <out>_runs.csv "
-        "(default: <sweep dir>/collect)",
+        help="output prefix: writes <out>.csv, <out>.json, <out>.md, <out>_runs.csv "
+        "(default: <sweep dir>/collect, or collect_<eval tag> with --eval)",
+    )
+    parser.add_argument(
+        "--eval",
+        nargs="+",
+        metavar="OVERRIDE",
+        help="first evaluate each finished run's checkpoint with eval.py and these overrides "
+        "(e.g. metrics=disentanglement: the canonical preset), skipping runs evaluated "
+        "before, and tabulate the eval numbers",
+    )
+    parser.add_argument(
+        "--ckpt",
+        default="last",
+        choices=("last", "best"),
+        help="with --eval: the final weights (last.ckpt, default, as disentanglement_lib) or "
+        "the best-by-validation checkpoint",
+    )
+    parser.add_argument(
+        "--format",
+        default="table",
+        choices=FORMATS,
+        help="clg: also the CLG-VAE paper's table (percent, its column order) in <out>_clg.md",
     )
     args = parser.parse_args(argv)
     try:
-        summary = collect(args.paths, args.metrics, args.ignore, args.out)
+        summary = collect(
+            args.paths,
+            args.metrics,
+            args.ignore,
+            args.out,
+            eval_overrides=args.eval,
+            ckpt=args.ckpt,
+            fmt=args.format,
+        )
     except (FileNotFoundError, LookupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -69,6 +69,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         logger=instantiate_loggers(cfg.get("logger")) or False,
     )
     metrics: dict[str, float] = {}
+    protocols: dict[str, Any] = {}  # per metric set: what its numbers depend on (preset, seeds)
     if cfg.get("test_loop"):
         for results in trainer.test(model, datamodule=datamodule):
             metrics.update({key: float(value) for key, value in results.items()})
@@ -82,6 +83,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info(f"Computing {name}")
         values = evaluator(model=model, datamodule=datamodule)
         metrics.update({f"{name}/{key}": float(value) for key, value in values.items()})
+        if hasattr(evaluator, "record"):
+            protocols[name] = evaluator.record()
 
     if not trainer.is_global_zero:  # every rank holds the same (reduced) metrics
         return metrics, {"cfg": cfg, "model": model, "datamodule": datamodule, "trainer": trainer}
@@ -94,6 +97,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "model": saved.model._target_,
         "data": OmegaConf.to_container(data_cfg),
         "metrics": metrics,
+        "protocols": protocols,
     }
     output.write_text(json.dumps(report, indent=2))
     log.info(f"Metrics written to {output}")

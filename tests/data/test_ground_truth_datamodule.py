@@ -54,5 +54,5 @@ def test_train_loader_shuffles_and_drops_last(dataset) -> None:
 def test_rejects_mismatched_shape_and_oversized_splits(dataset) -> None:
     with pytest.raises(ValueError, match="does not match"):
         make(dataset, image_shape=(3, 64, 64))
-    with pytest.raises(ValueError, match="must be smaller"):
+    with pytest.raises(ValueError, match="smaller than the dataset"):
         make(dataset, val_size=len(dataset))

@@ -98,15 +98,17 @@ def test_cifar10_shapes_labels_items_per_class_and_flip(tmp_path: Path, no_md5: 
     with open(tmp_path / "c10/cifar-10-batches-py/test_batch", "rb") as f:
         raw = pickle.load(f)["data"][3].reshape(3, 32, 32)  # R plane, G plane, B plane
     assert torch.equal(images[3], torch.from_numpy(raw).float() / 255)
-    assert len(dm.datasets["train"]) == 200 and len(dm.datasets["val"]) == 8
+    assert len(dm.datasets["train"]) == 192 and len(dm.datasets["val"]) == 8  # val from train
 
     sub = TorchvisionDataModule(
-        root=str(tmp_path / "c10"), dataset="cifar10", items_per_class=3, batch_size=6
+        root=str(tmp_path / "c10"), dataset="cifar10", items_per_class=3, batch_size=6, val_size=20
     )
     sub.setup()
     counts = torch.bincount(sub.datasets["train"].labels[sub.datasets["train"].indices])
     assert counts.tolist() == [3] * 10
-    again = TorchvisionDataModule(root=str(tmp_path / "c10"), items_per_class=3, subset_seed=1)
+    again = TorchvisionDataModule(
+        root=str(tmp_path / "c10"), items_per_class=3, subset_seed=1, val_size=20
+    )
     again.setup()
     assert not torch.equal(again.datasets["train"].indices, sub.datasets["train"].indices)
 
@@ -114,7 +116,7 @@ def test_cifar10_shapes_labels_items_per_class_and_flip(tmp_path: Path, no_md5: 
 def test_nfpi_cifar_augment_changes_train_not_test(tmp_path: Path, no_md5: None) -> None:
     _cifar(tmp_path, "cifar-100-python", {"train": 100, "test": 50}, "fine_labels", 100)
     dm = TorchvisionDataModule(
-        root=str(tmp_path), dataset="cifar100", augment="nfpi_cifar", batch_size=20
+        root=str(tmp_path), dataset="cifar100", augment="nfpi_cifar", batch_size=20, val_size=0
     )
     assert dm.num_classes == 100 and not dm.flip
     torch.manual_seed(0)
@@ -135,7 +137,13 @@ def test_nfpi_cifar_augment_changes_train_not_test(tmp_path: Path, no_md5: None)
 def test_mnist_pad_channels_and_nfpi_mnist(tmp_path: Path) -> None:
     _mnist(tmp_path)
     dm = TorchvisionDataModule(
-        root=str(tmp_path), dataset="mnist", pad=2, resolution=32, channels=3, batch_size=20
+        root=str(tmp_path),
+        dataset="mnist",
+        pad=2,
+        resolution=32,
+        channels=3,
+        batch_size=20,
+        val_size=6,
     )
     assert dm.image_shape == (3, 32, 32)
     x, y = next(iter(dm.test_dataloader()))
@@ -145,7 +153,7 @@ def test_mnist_pad_channels_and_nfpi_mnist(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="data.resolution=32"):
         TorchvisionDataModule(root=str(tmp_path), dataset="mnist", pad=2, resolution=28)
     aug = TorchvisionDataModule(
-        root=str(tmp_path), dataset="mnist", pad=2, resolution=32, augment="nfpi_mnist"
+        root=str(tmp_path), dataset="mnist", pad=2, resolution=32, augment="nfpi_mnist", val_size=6
     )
     aug.setup()
     xa, _ = aug.datasets["train"][0]
@@ -156,7 +164,9 @@ def test_mnist_pad_channels_and_nfpi_mnist(tmp_path: Path) -> None:
 
 def test_svhn_train_extra_and_labels(tmp_path: Path, no_md5: None) -> None:
     _svhn(tmp_path, {"train": 30, "test": 20, "extra": 50})
-    dm = TorchvisionDataModule(root=str(tmp_path), dataset="svhn", splits=["train", "extra"])
+    dm = TorchvisionDataModule(
+        root=str(tmp_path), dataset="svhn", splits=["train", "extra"], val_size=0
+    )
     dm.setup()
     assert len(dm.datasets["train"]) == 80 and len(dm.datasets["test"]) == 20
     assert sorted(set(dm.datasets["train"].labels.tolist())) == list(range(10))
@@ -188,9 +198,9 @@ def test_imagenet32_npz_rows_and_zero_based_labels(tmp_path: Path) -> None:
         labels = np.arange(n) % 1000 + 1 + (500 if name == "val_data" else 0)
         np.savez(tmp_path / f"{name}.npz", data=data, labels=labels, mean=data.mean(0))
         rows[name] = (data, labels)
-    dm = ImageNet32DataModule(root=str(tmp_path), train_batches=2, val_size=4, batch_size=4)
+    dm = ImageNet32DataModule(root=str(tmp_path), train_batches=2, val_size=0, batch_size=4)
     dm.setup()
-    assert len(dm.datasets["train"]) == 20 and len(dm.datasets["val"]) == 4
+    assert len(dm.datasets["train"]) == 20 and len(dm.datasets["val"]) == 4  # a preview batch
     x, y = dm.datasets["train"][13]  # second file, row 1
     assert torch.equal(x, torch.from_numpy(rows["train_data_batch_2"][0][1].reshape(3, 32, 32)))
     assert int(y) == 1  # label 2 -> 1

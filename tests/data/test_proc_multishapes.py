@@ -61,6 +61,7 @@ def test_real_dlp_data_fail_clearly(tmp_path) -> None:
     np.save(path, np.full((10, 128, 128, 3), 255, dtype=np.uint8))
     dm = CLEVRERFramesDataModule(path=str(path), batch_size=2)
     dm.setup()
-    assert len(dm.datasets["train"]) == 9 and len(dm.datasets["val"]) == 1
+    sizes = [len(dm.datasets[s]) for s in ("train", "val", "test")]
+    assert sizes == [8, 1, 1]  # val: the last train-fraction frame, never a test frame
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 3, 128, 128) and float(x.min()) == 1.0

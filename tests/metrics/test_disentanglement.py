@@ -28,10 +28,12 @@ from latentzoo.metrics.disentanglement import (
     mig,
     modularity_explicitness,
     modularity_from_mutual_info,
+    preset_record,
     sample_codes_and_factors,
     sap,
     unsupervised,
 )
+from latentzoo.metrics.disentanglement.beta_vae import make_logistic_regression
 from latentzoo.metrics.disentanglement.unsupervised import (
     gaussian_total_correlation,
     gaussian_wasserstein_correlation,
@@ -346,16 +348,45 @@ def test_sample_codes_and_evaluate_all() -> None:
     }
     ds.calls = 0
     out = evaluate_all(encode_good, ds, preset="fast", overrides=small, encode_batch_size=512)
-    assert out["mig/mig"] >= 0.9
-    assert out["factor_vae/eval_accuracy"] == 1.0
-    assert out["beta_vae/eval_accuracy"] >= 0.99
-    assert out["dci/disentanglement"] >= 0.8
-    assert out["factor_vae/num_active_dims"] == 3  # the constant code of colour is inactive
-    assert "modularity/explicitness_test" in out and "unsupervised/mutual_info_score" in out
+    assert out["fast/mig/mig"] >= 0.9
+    assert out["fast/factor_vae/eval_accuracy"] == 1.0
+    assert out["fast/beta_vae/eval_accuracy"] >= 0.99
+    assert out["fast/dci/disentanglement"] >= 0.8
+    assert out["fast/factor_vae/num_active_dims"] == 3  # the constant code of colour is inactive
+    assert (
+        "fast/modularity/explicitness_test" in out and "fast/unsupervised/mutual_info_score" in out
+    )
     assert all(isinstance(v, float) for v in out.values())
     # same seed -> the MIG train set equals the train set of SAP / modularity / DCI
     again = evaluate_all(encode_good, ds, preset="fast", overrides=small, metrics=("mig",))
-    assert again["mig/mig"] == out["mig/mig"]
+    assert again["fast/mig/mig"] == out["fast/mig/mig"]
     assert set(PRESETS) >= {"default", "dlib", "fast", "clg"}
     with pytest.raises(ValueError, match="unknown preset"):
         evaluate_all(encode_good, ds, preset="nope")
+
+
+def test_preset_keys_never_collide_and_are_recorded() -> None:
+    ds = FakeFactors((3, 4, 5))
+    sap_sizes = {"sap": {"num_train": 300, "num_test": 150}}
+    canonical = evaluate_all(encode_good, ds, metrics=("sap",), overrides=sap_sizes)
+    clg = evaluate_all(encode_good, ds, preset="clg", metrics=("sap",), overrides=sap_sizes)
+    assert set(canonical) == {"sap/sap"}  # dlib: LinearSVC SAP under the canonical key
+    assert set(clg) == {"clg/sap/sap_continuous"}  # CLG's squared-correlation SAP: its own key
+    assert canonical["sap/sap"] != clg["clg/sap/sap_continuous"]
+    record = preset_record("clg", 3, {"mig": {"num_train": 50}})
+    assert record["preset"] == "clg" and record["seed"] == 3 and record["key_prefix"] == "clg/"
+    assert record["settings"]["mig"] == {"num_train": 50, "num_bins": 20, "drop_first_factor": True}
+    assert preset_record("default", 0)["settings"]["mig"]["num_train"] == 10_000
+
+
+def test_clg_logistic_regression_is_unpenalised_without_deprecated_arguments() -> None:
+    import warnings
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4))
+    y = (x[:, 0] + 0.3 * rng.normal(size=300) > 0).astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # penalty=None: FutureWarning in 1.8-1.9, error in 1.10
+        model = make_logistic_regression(0, "clg").fit(x, y)
+    ridge = make_logistic_regression(0, "default").fit(x, y)  # C = 1
+    assert np.abs(model.coef_).sum() > np.abs(ridge.coef_).sum()  # no shrinkage

@@ -39,8 +39,17 @@ def test_eval_reports_disentanglement_of_checkpoint(tmp_path: Path) -> None:
         eval_dir,
     )
     metrics, _ = evaluate(cfg)
-    report = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
-    assert set(report) == {"disentanglement/mig/mig", "disentanglement/sap/sap"}
+    record = json.loads((eval_dir / "metrics.json").read_text())
+    report = record["metrics"]
+    assert set(report) == {"disentanglement/fast/mig/mig", "disentanglement/fast/sap/sap"}
+    protocol = record["protocols"]["disentanglement"]  # what the numbers depend on
+    assert protocol["preset"] == "fast" and protocol["seed"] == 0
+    assert protocol["settings"]["mig"]["num_train"] == 2000
+    assert protocol["settings"]["sap"] == {
+        "num_train": 2000,
+        "num_test": 1000,
+        "continuous_factors": False,
+    }
     assert report == pytest.approx(metrics)
     assert all(0.0 <= value <= 1.0 for value in report.values())
 
@@ -101,4 +110,4 @@ def test_callback_logs_fast_preset(tmp_path: Path) -> None:
     )
     trainer.fit(model, datamodule=datamodule)
     rows = next((tmp_path / "csv").rglob("metrics.csv")).read_text()
-    assert "disentanglement/mig/mig" in rows.splitlines()[0]
+    assert "disentanglement/fast/mig/mig" in rows.splitlines()[0]

@@ -94,9 +94,9 @@ def test_loss_weights_the_decomposition() -> None:
     )
     reference.load_state_dict(plain.state_dict())
     torch.manual_seed(2)
-    loss_tc = plain.step((x, None), "val")["loss"]
+    loss_tc = plain.step((x, None), "train")["loss"]
     torch.manual_seed(2)
-    torch.testing.assert_close(loss_tc, reference.step((x, None), "val")["loss"])
+    torch.testing.assert_close(loss_tc, reference.step((x, None), "train")["loss"])
 
 
 def test_needs_dataset_size() -> None:

@@ -40,10 +40,16 @@ def _already_batched(batch: Any) -> Any:
 
 
 class GroundTruthDataModule(L.LightningDataModule):
-    """Train/val/test split of a factor dataset by a seeded permutation of its indices.
+    """Disjoint train/val/test splits of a factor dataset by a permutation of its indices.
 
     Batches are ``(images float [B, C, H, W] in [0, 1], factor classes int64 [B, K])``.
     ``dataset`` exposes the factors to metrics (names, sizes, ``sample_factors``, ``images_of``).
+
+    ``split_seed`` fixes the splits (it defines the dataset, not the sampling); ``seed`` seeds
+    the training order and is the run seed when null. ``val_size=0`` is a protocol without
+    validation (dlib, CLG-VAE: train on everything, keep the final weights): there is then no
+    val split, and ``val_dataloader`` serves the first ``batch_size`` training images only for
+    the image-grid callbacks (run with ``trainer.limit_val_batches=0``, as those experiments do).
     """
 
     def __init__(
@@ -54,6 +60,7 @@ class GroundTruthDataModule(L.LightningDataModule):
         val_size: int = 4096,
         test_size: int = 4096,
         split_seed: int = 0,
+        seed: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
@@ -63,22 +70,25 @@ class GroundTruthDataModule(L.LightningDataModule):
                 f"data.image_shape={list(image_shape)} does not match the dataset's images "
                 f"{list(dataset.image_shape)}"
             )
-        if val_size + test_size >= len(dataset):
+        if min(val_size, test_size) < 0 or val_size + test_size >= len(dataset):
             raise ValueError(
-                f"val_size + test_size ({val_size + test_size}) must be smaller than the "
-                f"dataset ({len(dataset)} images)"
+                f"data.val_size and data.test_size must be >= 0, their sum "
+                f"({val_size + test_size}) smaller than the dataset ({len(dataset)} images)"
             )
         self.dataset = dataset
         self.image_shape = tuple(image_shape)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.seed = seed
         order = np.random.default_rng(split_seed).permutation(len(dataset))
         self.splits = {
             "val": order[:val_size],
             "test": order[val_size : val_size + test_size],
             "train": order[val_size + test_size :],
         }
+        if val_size == 0:  # no validation split: a preview batch of training images for grids
+            self.splits["val"] = self.splits["train"][:batch_size]
 
     @property
     def factor_names(self) -> tuple[str, ...]:
@@ -106,6 +116,7 @@ class GroundTruthDataModule(L.LightningDataModule):
             FactorSubset(self.dataset, self.splits["train"]),
             self.batch_size,
             collate_fn=_already_batched,
+            seed=self.seed,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

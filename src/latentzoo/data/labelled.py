@@ -14,7 +14,11 @@
 * ``augment`` acts on the training split only: ``flip`` (per batch in the collate), or the NFPI
   recipes ``nfpi_cifar`` / ``nfpi_mnist`` (torchvision.transforms.v2 per item, so DataLoader
   workers do the work). Val/test and the FID reference pass are never augmented;
-* val = the first ``val_size`` test images (unless the set has its own val split).
+* val = ``val_size`` training images held out by ``split_seed`` (unless the set has its own
+  val split), so that model selection never sees the test set; ``val_size=0`` trains on the
+  full train set (the NFPI and Soft-IntroVAE protocols: no validation, the final weights),
+  and val is then only a preview batch of training images for the image grids;
+* ``seed`` seeds the training order and batch randomness; null = the run seed.
 """
 
 from __future__ import annotations
@@ -95,6 +99,14 @@ def make_augment(kind: str, size: int) -> Callable[[torch.Tensor], torch.Tensor]
     return None
 
 
+def seeded(loader: DataLoader, seed: int | None) -> DataLoader:
+    """``loader`` (a resumable training loader) with an explicit sampler seed, if not None;
+    otherwise it keeps the run seed it was built with."""
+    if seed is not None:
+        loader.sampler.seed = int(seed)  # type: ignore[attr-defined]
+    return loader
+
+
 class LabelledImages(Dataset):
     """Items ``(image [C, H, W] uint8 (float after nfpi_mnist), label int64)``.
 
@@ -160,6 +172,8 @@ class LabelledImageDataModule(ImageDataModule):
         items_per_class: int = 0,
         subset_seed: int = 0,
         val_size: int = 1000,
+        split_seed: int = 0,
+        seed: int | None = None,
         interpolation: str = "bicubic",
         flip: bool | None = None,
         **kwargs: Any,
@@ -192,8 +206,12 @@ class LabelledImageDataModule(ImageDataModule):
         self.augment = augment
         self.items_per_class = int(items_per_class)
         self.subset_seed = subset_seed
-        self.val_size = val_size
+        self.val_size = int(val_size)
+        self.split_seed = split_seed
+        self.seed = seed
         self.interpolation = interpolation
+        if self.val_size < 0:
+            raise ValueError(f"data.val_size must be >= 0 (0: no validation), got {val_size}")
 
     def load(self) -> dict[str, tuple[Any, torch.Tensor]]:
         raise NotImplementedError
@@ -225,23 +243,36 @@ class LabelledImageDataModule(ImageDataModule):
             keep.append(rng.permutation(members)[: self.items_per_class])
         return torch.from_numpy(np.sort(np.concatenate(keep)))
 
+    def held_out(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(val, train) indices of a train split of ``size`` items: ``val_size`` of them by
+        ``split_seed``, sorted; none when ``val_size`` is 0."""
+        if self.val_size >= size:
+            raise ValueError(f"data.val_size={self.val_size} >= the {size} training images")
+        order = torch.from_numpy(np.random.default_rng(self.split_seed).permutation(size))
+        return order[: self.val_size].sort().values, order[self.val_size :].sort().values
+
     def build(self) -> dict[str, Dataset]:
         splits = self.load()
         channels = self.channels if self.channels != self.native_shape[0] else None
         out: dict[str, Dataset] = {}
         for split, (images, labels) in splits.items():
-            train = split == "train"
-            out[split] = LabelledImages(
-                self._prepare_images(images),
-                labels,
-                indices=self.class_subset(labels) if train else None,
-                transform=make_augment(self.augment, self.image_shape[-1]) if train else None,
-                channels=channels,
-            )
-        if "val" not in out:
-            out["val"] = Subset(out["test"], range(min(self.val_size, len(out["test"]))))
+            images = self._prepare_images(images)
+            if split != "train":
+                out[split] = LabelledImages(images, labels, channels=channels)
+                continue
+            val, pool = self.held_out(len(labels)) if "val" not in splits else (None, None)
+            pool = torch.arange(len(labels)) if pool is None else pool
+            train = pool[self.class_subset(labels[pool])]
+            if val is not None:  # no validation (val_size 0): a preview batch for the grids
+                val = val if len(val) else train[: self.batch_size]
+                out["val"] = LabelledImages(images, labels, val, channels=channels)
+            transform = make_augment(self.augment, self.image_shape[-1])
+            out["train"] = LabelledImages(images, labels, train, transform, channels)
         log.info(f"{self.name}: " + ", ".join(f"{s} {len(d)}" for s, d in out.items()))  # type: ignore[arg-type]
         return out
+
+    def train_dataloader(self) -> DataLoader:
+        return seeded(super().train_dataloader(), self.seed)
 
     def reference_dataloader(
         self, split: str = "train", batch_size: int = 100, rank: int = 0, world_size: int = 1
@@ -256,6 +287,8 @@ class LabelledImageDataModule(ImageDataModule):
 
     def reference_info(self, split: str = "train") -> dict[str, Any]:
         info = {**super().reference_info(split), "pad": self.pad}
+        if split in ("train", "val"):
+            info.update(val_size=self.val_size, split_seed=self.split_seed)
         if split == "train":
             info.update(items_per_class=self.items_per_class, subset_seed=self.subset_seed)
         return info
@@ -412,7 +445,7 @@ class ImageNet32DataModule(LabelledImageDataModule):
     ``val_data.npz``, keys ``data`` (N, 3 * S * S) uint8 rows (R plane, G plane, B plane, as
     CIFAR) and ``labels`` 1..1000 (made 0-based). Train = the first ``train_batches`` files,
     concatenated into one preallocated array (about 3.9 GB for all ten at 32x32); test = the
-    official 50k val set; val = its first ``val_size`` images. Manual download only.
+    official 50k val set; val = ``val_size`` held-out training images. Manual download only.
     """
 
     URL = "https://image-net.org/download-images (Downsampled ImageNet 32x32, npz; manual)"
@@ -530,7 +563,8 @@ class ProcCIFARDataModule(LabelledImageDataModule):
     """``proc_cifar`` (datasets.md §11): the procedural CIFAR-10 stand-in, no download.
 
     ``num_train`` / ``num_test`` images rendered on demand from ``(seed, split, index)``
-    (``cache`` keeps them per process); val = the first ``val_size`` test images.
+    (``cache`` keeps them per process); val = ``val_size`` held-out training images.
+    ``content_seed`` picks the rendered images (it defines the dataset); ``seed`` is the sampler's.
     """
 
     def __init__(
@@ -538,7 +572,7 @@ class ProcCIFARDataModule(LabelledImageDataModule):
         image_size: int = 32,
         num_train: int = 50_000,
         num_test: int = 10_000,
-        seed: int = 0,
+        content_seed: int = 0,
         cache: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -549,7 +583,7 @@ class ProcCIFARDataModule(LabelledImageDataModule):
         if self.pad:
             raise ValueError("proc_cifar renders at image_size; use data.image_size, not pad")
         self.sizes = {"train": num_train, "test": num_test}
-        self.seed = seed
+        self.content_seed = content_seed
         self.cache = cache
 
     def load(self) -> dict[str, tuple[Any, torch.Tensor]]:
@@ -557,12 +591,12 @@ class ProcCIFARDataModule(LabelledImageDataModule):
 
         out = {}
         for split, n in self.sizes.items():
-            ds = ProcCIFAR(split, n, self.resize_to, self.seed, cache=self.cache)  # type: ignore[arg-type]
+            ds = ProcCIFAR(split, n, self.resize_to, self.content_seed, cache=self.cache)  # type: ignore[arg-type]
             out[split] = (ds, ds.labels)
         return out
 
     def reference_info(self, split: str = "train") -> dict[str, Any]:
-        return {**super().reference_info(split), "seed": self.seed}
+        return {**super().reference_info(split), "seed": self.content_seed}
 
 
 class CIFAR10DataModule(TorchvisionDataModule):

@@ -11,19 +11,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from latentzoo.data.datasets.errors import DatasetFormatError, DatasetNotFoundError
 from latentzoo.data.datasets.proc_multishapes import ProcMultiShapes
 from latentzoo.data.images import ImageDataModule
+from latentzoo.data.labelled import seeded
 from latentzoo.utils.errors import LatentzooError
 
 __all__ = ["CLEVRERFramesDataModule", "CelebAMAFLDataModule", "ProcMultiShapesDataModule"]
 
 
 class ProcMultiShapesDataModule(ImageDataModule):
-    """``proc_multishapes``: train / val / test are disjoint index ranges of one seed's stream
-    (DLP: 40,000 images per seed)."""
+    """``proc_multishapes``: train / val / test are disjoint index ranges of one content seed's
+    stream (DLP: 40,000 images per seed). ``seed`` seeds the training order (null: run seed)."""
 
     def __init__(
         self,
@@ -31,7 +32,8 @@ class ProcMultiShapesDataModule(ImageDataModule):
         num_train: int = 36_000,
         num_val: int = 2000,
         num_test: int = 2000,
-        seed: int = 0,
+        content_seed: int = 0,
+        seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("name", "proc_multishapes")
@@ -39,18 +41,24 @@ class ProcMultiShapesDataModule(ImageDataModule):
         kwargs.setdefault("flip", False)
         super().__init__(**kwargs)
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
+        self.content_seed = content_seed
         self.seed = seed
 
     def build(self) -> dict[str, Dataset]:
         offsets = {"train": 0, "val": self.sizes["train"]}
         offsets["test"] = offsets["val"] + self.sizes["val"]
         return {
-            split: ProcMultiShapes(self.sizes[split], self.image_size, self.seed, offsets[split])
+            split: ProcMultiShapes(
+                self.sizes[split], self.image_size, self.content_seed, offsets[split]
+            )
             for split in ("train", "val", "test")
         }
 
     def reference_info(self, split: str = "train") -> dict[str, Any]:
-        return {**super().reference_info(split), "seed": self.seed}
+        return {**super().reference_info(split), "seed": self.content_seed}
+
+    def train_dataloader(self) -> DataLoader:
+        return seeded(super().train_dataloader(), self.seed)
 
 
 class _Frames(Dataset):
@@ -68,13 +76,17 @@ class _Frames(Dataset):
 class CLEVRERFramesDataModule(ImageDataModule):
     """CLEVRER frames as DLP uses them: one uint8 array [N, H, W, 3] (frames resized to 128 with
     bicubic, every 3rd frame from frame 26, in video order), memory-mapped. Split: the first
-    ``train_fraction`` for training, the rest for validation (= test)."""
+    ``train_fraction`` for training (of which the last ``val_fraction`` is held out for
+    validation), the rest for test (DLP evaluates on it), so validation never sees test frames.
+    ``seed`` seeds the training order (null: the run seed)."""
 
     def __init__(
         self,
         path: str,
         image_size: int = 128,
         train_fraction: float = 0.9,
+        val_fraction: float = 0.05,
+        seed: int | None = None,
         source: str = "",
         prepare: str = "",
         **kwargs: Any,
@@ -84,6 +96,7 @@ class CLEVRERFramesDataModule(ImageDataModule):
         kwargs.setdefault("flip", False)
         super().__init__(**kwargs)
         self.path, self.train_fraction = Path(path), train_fraction
+        self.val_fraction, self.seed = val_fraction, seed
         self.source, self.prepare = source, prepare
 
     def build(self) -> dict[str, Dataset]:
@@ -102,8 +115,15 @@ class CLEVRERFramesDataModule(ImageDataModule):
                 f"got {frames.shape} {frames.dtype}"
             )
         cut = int(len(frames) * self.train_fraction)
-        val = _Frames(frames, cut, len(frames))
-        return {"train": _Frames(frames, 0, cut), "val": val, "test": val}
+        val_start = cut - max(1, int(cut * self.val_fraction))
+        return {
+            "train": _Frames(frames, 0, val_start),
+            "val": _Frames(frames, val_start, cut),
+            "test": _Frames(frames, cut, len(frames)),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        return seeded(super().train_dataloader(), self.seed)
 
 
 class CelebAMAFLDataModule(ImageDataModule):

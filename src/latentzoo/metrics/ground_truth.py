@@ -64,6 +64,16 @@ class DisentanglementMetrics:
         self.overrides = overrides
         self.encode_batch_size = encode_batch_size
 
+    def record(self) -> dict[str, Any]:
+        """The protocol of the scores (preset, sample sizes, metric seed, metrics, factors):
+        eval.py writes it to ``metrics.json`` next to them."""
+        from latentzoo.metrics.disentanglement import preset_record
+
+        settings = preset_record(self.preset, self.seed, self.overrides)
+        settings["settings"] = {m: settings["settings"][m] for m in self.metrics}
+        factors = None if self.factor_indices is None else list(self.factor_indices)
+        return {**settings, "metrics": list(self.metrics), "factor_indices": factors}
+
     def __call__(self, model: torch.nn.Module, datamodule: Any) -> dict[str, float]:
         from latentzoo.metrics.disentanglement import evaluate_all
 

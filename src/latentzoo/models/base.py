@@ -15,6 +15,15 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
+def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, sample: bool = True) -> torch.Tensor:
+    """z = μ + σ·ε, ε ~ N(0, I), σ = exp(logvar / 2): a differentiable posterior sample; with
+    ``sample=False`` the deterministic code μ (what the originals use in val/test where they
+    do: each model passes ``sample`` for its stage, see ``LatentModel.samples_z``)."""
+    if not sample:
+        return mean
+    return mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+
+
 class LatentModel(L.LightningModule):
     """Base for latentzoo models.
 
@@ -34,6 +43,15 @@ class LatentModel(L.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self._all_finite: torch.Tensor | None = None  # see log_terms
+
+    # Whether val/test losses use a posterior sample (True) or the mean μ (False). Training
+    # always samples. Models set it to what their reference implementation does.
+    sample_in_eval: bool = True
+
+    def samples_z(self, stage: str) -> bool:
+        """Whether ``stage``'s loss uses z = μ + σ·ε (training always; val/test only when the
+        model's reference implementation does, ``sample_in_eval``)."""
+        return stage == "train" or self.sample_in_eval
 
     def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -89,8 +89,11 @@ class BetaTCVAE(BetaVAE):
     """β-VAE whose KL penalty is decomposed, with weight β on the total correlation.
 
     ``dataset_size`` (N in the estimators) may be left ``None``: it is then read from the
-    training dataloader when the Trainer sets the model up.
+    training dataloader when the Trainer sets the model up. Val/test losses use posterior
+    samples, as Chen et al.'s code does: the TC/MI estimators are defined on samples of q(z|x).
     """
+
+    sample_in_eval = True
 
     def __init__(
         self,

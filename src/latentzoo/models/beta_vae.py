@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory
+from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory, reparameterize
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -74,8 +74,11 @@ class BetaVAE(GaussianVAEMixin, LatentModel):
     """β-VAE with a diagonal Gaussian posterior and a standard normal prior.
 
     Capabilities: ``encode`` (posterior mean, used by disentanglement metrics), ``decode``
-    (images in [0, 1]), ``sample``, ``reconstruct``.
+    (images in [0, 1]), ``sample``, ``reconstruct``. Val/test losses decode the posterior mean
+    μ, as the CLG-VAE code base (whose β-VAE baseline the paper comparisons use) does.
     """
+
+    sample_in_eval = False
 
     def __init__(
         self,
@@ -107,7 +110,7 @@ class BetaVAE(GaussianVAEMixin, LatentModel):
     def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
         x = batch[0] if isinstance(batch, list | tuple) else batch
         mean, logvar = self.posterior(x)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        z = reparameterize(mean, logvar, self.samples_z(stage))
         recon = reconstruction_loss(self.decoder(z), x, self.likelihood).mean()
         terms = self.regulariser(mean, logvar, z)
         reg = terms.pop("reg")

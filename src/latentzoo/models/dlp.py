@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory
+from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory, reparameterize
 from latentzoo.models.beta_vae import gaussian_kl
 from latentzoo.models.nets.particles import (
     GlimpseDecoder,
@@ -224,7 +224,7 @@ class DeepLatentParticles(LatentModel):
         deterministic = not self.training if deterministic is None else deterministic
         b = x.shape[0]
         mu, logvar, heatmaps = self.kp_encoder(x)
-        z = mu if deterministic else mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        z = reparameterize(mu, logvar, not deterministic)
         bg_lv = math.log(self.sigma**2)
         mu_all = torch.cat([mu, mu.new_zeros(b, 1, 2)], 1)  # + the bg particle at the centre
         logvar_all = torch.cat([logvar, logvar.new_full((b, 1, 2), bg_lv)], 1)
@@ -245,11 +245,7 @@ class DeepLatentParticles(LatentModel):
         bg_mu, bg_lv_f = self.bg_feat((bg_mask * heatmaps).flatten(1)).chunk(2, -1)
         feat_mu = torch.cat([f_mu, bg_mu.unsqueeze(1)], 1)  # [B, K+1, d]
         feat_lv = torch.cat([f_lv, bg_lv_f.unsqueeze(1)], 1)
-        feat = (
-            feat_mu
-            if deterministic
-            else feat_mu + (0.5 * feat_lv).exp() * torch.randn_like(feat_mu)
-        )
+        feat = reparameterize(feat_mu, feat_lv, not deterministic)
         out = {
             "mu": mu,
             "logvar": logvar,

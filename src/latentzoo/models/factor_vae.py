@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentzoo.models.base import OptimizerFactory, SchedulerFactory
+from latentzoo.models.base import OptimizerFactory, SchedulerFactory, reparameterize
 from latentzoo.models.beta_vae import BetaVAE, gaussian_kl, reconstruction_loss
 
 
@@ -122,10 +122,13 @@ class FactorVAE(BetaVAE):
         self.automatic_optimization = False  # two optimizers, stepped in training_step
 
     # --- losses -------------------------------------------------------------------------------
-    def vae_terms(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The VAE loss terms on ``x`` and the sampled latents (for the discriminator)."""
+    def vae_terms(
+        self, x: torch.Tensor, stage: str = "train"
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The VAE loss terms on ``x`` and the latents (samples in training; μ in val/test,
+        as :class:`BetaVAE`) that the discriminator sees."""
         mean, logvar = self.posterior(x)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        z = reparameterize(mean, logvar, self.samples_z(stage))
         recon = reconstruction_loss(self.decoder(z), x, self.likelihood).mean()
         kl = gaussian_kl(mean, logvar).sum(1).mean()
         logits = self.discriminator(z)
@@ -161,14 +164,14 @@ class FactorVAE(BetaVAE):
             return z_real, z_real
         with torch.no_grad():
             mean, logvar = self.posterior(x_other)
-            z_other = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+            z_other = reparameterize(mean, logvar)
         n = min(len(z_real), len(z_other))
         return z_real[:n], z_other[:n]
 
     def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
         """Validation/test: the VAE terms and the discriminator's loss on the same batch."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        terms, z = self.vae_terms(x)
+        terms, z = self.vae_terms(x, stage)
         return {**terms, **self.discriminator_terms(z, z)}
 
     # --- optimisation -------------------------------------------------------------------------

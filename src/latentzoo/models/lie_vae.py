@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from latentzoo.models.base import OptimizerFactory, SchedulerFactory
+from latentzoo.models.base import OptimizerFactory, SchedulerFactory, reparameterize
 from latentzoo.models.beta_vae import BetaVAE, gaussian_kl, reconstruction_loss
 from latentzoo.models.nets.lie import GroupEncoder, LieAlgebra, check_subgroups, xavier_init_
 
@@ -124,7 +124,7 @@ class LieVAE(BetaVAE):
     def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
         x = batch[0] if isinstance(batch, list | tuple) else batch
         mean, logvar, g_enc = self.encoder(x)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        z = reparameterize(mean, logvar, self.samples_z(stage))  # μ in val/test (spec §4)
         g_grp = self.group(z)
 
         # Reconstruct from the encoder's group features with probability p_E (training only).

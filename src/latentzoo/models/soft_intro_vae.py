@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory
+from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory, reparameterize
 from latentzoo.models.beta_vae import GaussianVAEMixin, gaussian_kl
 from latentzoo.utils.checkpoint_io import resume_advice
 from latentzoo.utils.errors import NonFiniteLossError
@@ -45,10 +45,6 @@ def squared_error(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tenso
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) summed over latent dimensions, one value per sample."""
     return gaussian_kl(mean, logvar).sum(1)
-
-
-def reparameterize(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    return mean + torch.randn_like(mean) * (0.5 * logvar).exp()
 
 
 @contextlib.contextmanager

@@ -246,6 +246,8 @@ class ProcDigitsDataModule(L.LightningDataModule):
 
     Train is the 60k train split minus a seeded ``val_size`` held out for validation; test is the
     10k test split. ``num_classes`` = 10. ``cache`` keeps rendered digits (see ProcDigits).
+    ``content_seed`` (which digits) and ``split_seed`` define the dataset; ``seed`` seeds the
+    training order (null: the run seed).
     """
 
     num_classes = NUM_CLASSES
@@ -253,9 +255,10 @@ class ProcDigitsDataModule(L.LightningDataModule):
     def __init__(
         self,
         image_shape: Sequence[int] = (1, SIDE, SIDE),
-        seed: int = 0,
+        content_seed: int = 0,
         val_size: int = 5000,
         split_seed: int = 0,
+        seed: int | None = None,
         batch_size: int = 128,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -268,8 +271,9 @@ class ProcDigitsDataModule(L.LightningDataModule):
         if num_classes != NUM_CLASSES:  # a key so that configs can read ${data.num_classes}
             raise ValueError(f"proc_digits has {NUM_CLASSES} classes, not {num_classes}")
         self.image_shape = tuple(image_shape)
-        self.train_set = ProcDigits("train", seed, cache=cache)
-        self.test_set = ProcDigits("test", seed, cache=cache)
+        self.train_set = ProcDigits("train", content_seed, cache=cache)
+        self.test_set = ProcDigits("test", content_seed, cache=cache)
+        self.seed = seed
         order = np.random.default_rng(split_seed).permutation(len(self.train_set))
         self.splits = {"val": np.sort(order[:val_size]), "train": order[val_size:]}
         self.batch_size = batch_size
@@ -293,6 +297,7 @@ class ProcDigitsDataModule(L.LightningDataModule):
         return resumable_loader(
             Subset(self.train_set, self.splits["train"].tolist()),
             self.batch_size,
+            seed=self.seed,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

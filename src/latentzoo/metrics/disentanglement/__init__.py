@@ -24,7 +24,13 @@ from latentzoo.metrics.disentanglement.modularity import (
     modularity_explicitness,
     modularity_from_mutual_info,
 )
-from latentzoo.metrics.disentanglement.runner import METRICS, PRESETS, evaluate_all
+from latentzoo.metrics.disentanglement.runner import (
+    METRICS,
+    PRESETS,
+    evaluate_all,
+    key_prefix,
+    preset_record,
+)
 from latentzoo.metrics.disentanglement.sampling import (
     encode_factors,
     resolve_factor_indices,
@@ -44,6 +50,8 @@ __all__ = [
     "disentanglement",
     "encode_factors",
     "evaluate_all",
+    "key_prefix",
+    "preset_record",
     "factor_vae_score",
     "histogram_discretize",
     "importance_matrix",

@@ -41,7 +41,8 @@ def make_logistic_regression(random_state: int, kind: str = "default") -> object
             LogisticRegression(solver="liblinear", random_state=random_state)
         )
     if kind == "clg":
-        return LogisticRegression(penalty=None, solver="newton-cg", random_state=random_state)
+        # unpenalised: C = inf (sklearn >= 1.8 spelling of the removed penalty=None)
+        return LogisticRegression(C=np.inf, solver="newton-cg", random_state=random_state)
     raise ValueError(f"unknown logistic regression kind {kind!r}; choose from {CLASSIFIERS}")
 
 

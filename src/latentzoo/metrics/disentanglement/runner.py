@@ -2,7 +2,9 @@
 
 Presets (``metrics.md`` §9): ``"dlib"`` (alias ``"default"``) are disentanglement_lib's
 ``unsupervised_study_v1`` sample sizes, ``"fast"`` the in-training / CPU sizes, ``"clg"`` the
-CLG-VAE comparison settings.
+CLG-VAE comparison settings. Only the canonical preset reports plain ``<metric>/<score>`` keys;
+the others prefix theirs (``fast/mig/mig``, ``clg/sap/sap_continuous``), so that numbers of
+different protocols never share a name in a log, a ``metrics.json`` or a table.
 
 Randomness follows dlib, where every metric is a separate evaluation with
 ``evaluation.random_seed = 0``: each metric starts a fresh metric RNG from ``seed``, draws its
@@ -88,6 +90,22 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 PRESETS["default"] = PRESETS["dlib"]
 
 
+def key_prefix(preset: str) -> str:
+    """``""`` for the canonical (dlib) preset, else ``"<preset>/"``: the keys never collide."""
+    return "" if PRESETS.get(preset) is PRESETS["dlib"] else f"{preset}/"
+
+
+def preset_record(
+    preset: str, seed: int, overrides: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
+    """What a score depends on besides the model: preset, per-metric sample sizes and settings
+    (with ``overrides`` applied), and the metric seed (written to eval's ``metrics.json``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    config = _preset(PRESETS[preset], **{k: dict(v) for k, v in (overrides or {}).items()})
+    return {"preset": preset, "key_prefix": key_prefix(preset), "seed": seed, "settings": config}
+
+
 class _SampleCache:
     """Train / test draws of fresh metric RNGs seeded with ``seed``, encoded once per size."""
 
@@ -144,7 +162,8 @@ def evaluate_all(
     encode_batch_size: int = 2048,
     n_jobs: int | None = None,
 ) -> dict[str, float]:
-    """Compute ``metrics`` with the sample sizes of ``preset``; keys are ``"<metric>/<score>"``.
+    """Compute ``metrics`` with the sample sizes of ``preset``; keys are ``"<metric>/<score>"``
+    (canonical preset) or ``"<preset>/<metric>/<score>"`` (see :func:`key_prefix`).
 
     ``factor_indices`` selects the factors (default: every factor with more than one value, e.g.
     dSprites without colour). ``overrides`` updates preset entries per metric, e.g.
@@ -198,9 +217,12 @@ def evaluate_all(
                 scores = dci(c, f, ct, ft, random_state=random_state, n_jobs=n_jobs, **cfg)
             elif name == "sap":
                 scores = sap(c, f, ct, ft, random_state=random_state, n_jobs=n_jobs, **cfg)
+                if cfg.get("continuous_factors"):  # a different score: its own name
+                    scores = {"sap_continuous": scores["sap"]}
             else:
                 scores = modularity_explicitness(
                     c, f, ct, ft, random_state=random_state, n_jobs=n_jobs, **cfg
                 )
-        out.update({f"{name}/{key}": float(value) for key, value in scores.items()})
+        prefix = key_prefix(preset)
+        out.update({f"{prefix}{name}/{key}": float(value) for key, value in scores.items()})
     return out
