@@ -15,6 +15,7 @@ import torch
 from latentzoo.data import GroundTruthDataModule
 from latentzoo.data.datasets import ProcDSprites
 from latentzoo.data.datasets.proc_digits import ProcDigitsDataModule
+from latentzoo.data.images import ProcBlobsDataModule
 from latentzoo.data.labelled import (
     ImageNet32DataModule,
     ProcCIFARDataModule,
@@ -91,6 +92,9 @@ DATAMODULES: dict[str, Callable[..., object]] = {
         image_size=64, num_train=48, num_val=16, num_test=16, **kw
     ),
     "clevrer": _clevrer,
+    "proc_blobs": lambda tmp_path, **kw: ProcBlobsDataModule(
+        image_size=8, num_train=48, num_val=16, num_test=16, **kw
+    ),
 }
 
 

@@ -57,7 +57,9 @@ class ImageCollate:
 class ImageDataModule(L.LightningDataModule):
     """Shared loaders and bookkeeping; subclasses build ``self.datasets`` in :meth:`build`.
 
-    ``batch_size`` is per device (train.py derives it from ``data.global_batch_size``).
+    ``batch_size`` is per device (train.py derives it from ``data.global_batch_size``);
+    ``seed`` seeds the training order and flips (None: the run seed, so a seed sweep sees
+    different batches).
     """
 
     def __init__(
@@ -69,9 +71,11 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         flip: bool = True,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.name = name
+        self.seed = seed
         self.image_shape = tuple(int(x) for x in image_shape)
         self.num_classes = int(num_classes)
         self.batch_size = batch_size
@@ -114,6 +118,7 @@ class ImageDataModule(L.LightningDataModule):
             self._dataset("train"),
             self.batch_size,
             collate_fn=ImageCollate(flip=self.flip),
+            seed=self.seed,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -155,7 +160,8 @@ class ImageDataModule(L.LightningDataModule):
 
 
 class ProcBlobsDataModule(ImageDataModule):
-    """``proc_blobs`` (datasets.md §11): disjoint index ranges of one procedural stream."""
+    """``proc_blobs`` (datasets.md §11): disjoint index ranges of one procedural stream.
+    ``content_seed`` picks the rendered images (it defines the dataset); ``seed`` the sampler's."""
 
     def __init__(
         self,
@@ -165,7 +171,7 @@ class ProcBlobsDataModule(ImageDataModule):
         num_test: int = 1000,
         max_blobs: int = 5,
         num_classes: int = 0,
-        seed: int = 0,
+        content_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("name", "proc_blobs")
@@ -175,7 +181,7 @@ class ProcBlobsDataModule(ImageDataModule):
             raise ValueError(f"data.image_shape={list(self.image_shape)} != [3, {image_size}]*2")
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.max_blobs = max_blobs
-        self.seed = seed
+        self.content_seed = content_seed
 
     def build(self) -> dict[str, Dataset]:
         offsets = {"train": 0, "val": self.sizes["train"]}
@@ -186,14 +192,18 @@ class ProcBlobsDataModule(ImageDataModule):
                 image_size=self.image_size,
                 max_blobs=self.max_blobs,
                 num_classes=self.num_classes,
-                seed=self.seed,
+                seed=self.content_seed,
                 offset=offsets[split],
             )
             for split in ("train", "val", "test")
         }
 
     def reference_info(self, split: str = "train") -> dict[str, Any]:
-        return {**super().reference_info(split), "seed": self.seed, "max_blobs": self.max_blobs}
+        return {
+            **super().reference_info(split),
+            "seed": self.content_seed,
+            "max_blobs": self.max_blobs,
+        }
 
 
 class ImageFolderDataModule(ImageDataModule):

@@ -99,14 +99,6 @@ def make_augment(kind: str, size: int) -> Callable[[torch.Tensor], torch.Tensor]
     return None
 
 
-def seeded(loader: DataLoader, seed: int | None) -> DataLoader:
-    """``loader`` (a resumable training loader) with an explicit sampler seed, if not None;
-    otherwise it keeps the run seed it was built with."""
-    if seed is not None:
-        loader.sampler.seed = int(seed)  # type: ignore[attr-defined]
-    return loader
-
-
 class LabelledImages(Dataset):
     """Items ``(image [C, H, W] uint8 (float after nfpi_mnist), label int64)``.
 
@@ -173,7 +165,6 @@ class LabelledImageDataModule(ImageDataModule):
         subset_seed: int = 0,
         val_size: int = 1000,
         split_seed: int = 0,
-        seed: int | None = None,
         interpolation: str = "bicubic",
         flip: bool | None = None,
         **kwargs: Any,
@@ -208,7 +199,6 @@ class LabelledImageDataModule(ImageDataModule):
         self.subset_seed = subset_seed
         self.val_size = int(val_size)
         self.split_seed = split_seed
-        self.seed = seed
         self.interpolation = interpolation
         if self.val_size < 0:
             raise ValueError(f"data.val_size must be >= 0 (0: no validation), got {val_size}")
@@ -270,9 +260,6 @@ class LabelledImageDataModule(ImageDataModule):
             out["train"] = LabelledImages(images, labels, train, transform, channels)
         log.info(f"{self.name}: " + ", ".join(f"{s} {len(d)}" for s, d in out.items()))  # type: ignore[arg-type]
         return out
-
-    def train_dataloader(self) -> DataLoader:
-        return seeded(super().train_dataloader(), self.seed)
 
     def reference_dataloader(
         self, split: str = "train", batch_size: int = 100, rank: int = 0, world_size: int = 1

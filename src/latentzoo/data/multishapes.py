@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from latentzoo.data.datasets.errors import DatasetFormatError, DatasetNotFoundError
 from latentzoo.data.datasets.proc_multishapes import ProcMultiShapes
 from latentzoo.data.images import ImageDataModule
-from latentzoo.data.labelled import seeded
 from latentzoo.utils.errors import LatentzooError
 
 __all__ = ["CLEVRERFramesDataModule", "CelebAMAFLDataModule", "ProcMultiShapesDataModule"]
@@ -33,7 +32,6 @@ class ProcMultiShapesDataModule(ImageDataModule):
         num_val: int = 2000,
         num_test: int = 2000,
         content_seed: int = 0,
-        seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("name", "proc_multishapes")
@@ -42,7 +40,6 @@ class ProcMultiShapesDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.content_seed = content_seed
-        self.seed = seed
 
     def build(self) -> dict[str, Dataset]:
         offsets = {"train": 0, "val": self.sizes["train"]}
@@ -56,9 +53,6 @@ class ProcMultiShapesDataModule(ImageDataModule):
 
     def reference_info(self, split: str = "train") -> dict[str, Any]:
         return {**super().reference_info(split), "seed": self.content_seed}
-
-    def train_dataloader(self) -> DataLoader:
-        return seeded(super().train_dataloader(), self.seed)
 
 
 class _Frames(Dataset):
@@ -86,7 +80,6 @@ class CLEVRERFramesDataModule(ImageDataModule):
         image_size: int = 128,
         train_fraction: float = 0.9,
         val_fraction: float = 0.05,
-        seed: int | None = None,
         source: str = "",
         prepare: str = "",
         **kwargs: Any,
@@ -96,7 +89,7 @@ class CLEVRERFramesDataModule(ImageDataModule):
         kwargs.setdefault("flip", False)
         super().__init__(**kwargs)
         self.path, self.train_fraction = Path(path), train_fraction
-        self.val_fraction, self.seed = val_fraction, seed
+        self.val_fraction = val_fraction
         self.source, self.prepare = source, prepare
 
     def build(self) -> dict[str, Dataset]:
@@ -121,9 +114,6 @@ class CLEVRERFramesDataModule(ImageDataModule):
             "val": _Frames(frames, val_start, cut),
             "test": _Frames(frames, cut, len(frames)),
         }
-
-    def train_dataloader(self) -> DataLoader:
-        return seeded(super().train_dataloader(), self.seed)
 
 
 class CelebAMAFLDataModule(ImageDataModule):

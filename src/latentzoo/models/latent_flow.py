@@ -32,7 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory
+from latentzoo.models.base import (
+    LatentModel,
+    OptimizerFactory,
+    SchedulerFactory,
+    reparameterize,
+)
 from latentzoo.models.beta_vae import GaussianVAEMixin, gaussian_kl
 from latentzoo.utils.errors import LatentzooError
 
@@ -470,9 +475,8 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
         """Decoded frames (steps+1, B, C, H, W) along the flow of k from μ(x); frame 0 = Dec(μ)."""
         with autograd_enabled():
             mean, logvar = self.posterior(x.clone())
-            z0 = mean.detach()
-            if self.posterior_sample_eval:  # [ORIGINAL]: a posterior sample (E_k is stochastic)
-                z0 = z0 + torch.randn_like(z0) * (0.5 * logvar.detach()).exp()
+            # [ORIGINAL] posterior_sample_eval: a posterior sample (E_k is stochastic)
+            z0 = reparameterize(mean.detach(), logvar.detach(), self.posterior_sample_eval)
             path = self.flow(z0, self._one_hot(k, x.shape[0]), steps)["z"]
             return torch.stack([self.decode(z).detach() for z in path])
 
@@ -496,7 +500,7 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
         log_std = 0.5 * logvar
         terms = []
         for _ in range(num_samples):
-            z = mean + torch.randn_like(mean) * log_std.exp()
+            z = reparameterize(mean, logvar)
             log_w = (
                 self._log_likelihood(self.decoder(z), x, likelihood)
                 + gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z)).sum(1)
@@ -515,8 +519,9 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
         with autograd_enabled():
             frames = frames.clone()
             mean, logvar = self.posterior(frames[:, 0])
-            mean, log_std = mean.detach(), 0.5 * logvar.detach()
-            z0 = mean + torch.randn_like(mean) * log_std.exp()
+            mean, logvar = mean.detach(), logvar.detach()
+            log_std = 0.5 * logvar
+            z0 = reparameterize(mean, logvar)
             weights = self._one_hot(k, frames.shape[0])
             log_q0, log_p0 = self._start_log_densities(z0, mean, log_std)
             out = self.flow(
@@ -572,7 +577,7 @@ class LatentFlow(GaussianVAEMixin, LatentModel):
         x0 = frames[:, 0]
         mean, logvar = self.posterior(x0)
         log_std = 0.5 * logvar
-        z0 = mean + torch.randn_like(mean) * log_std.exp()
+        z0 = reparameterize(mean, logvar)
         terms: dict[str, torch.Tensor] = {}
 
         if self.variant == "weak":
