@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from latentzoo.utils.checkpoint_io import resume_advice
 from latentzoo.utils.errors import NonFiniteLossError
@@ -22,6 +24,18 @@ def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, sample: bool = True
     if not sample:
         return mean
     return mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block (dropout off, BatchNorm on running statistics:
+    train mode makes samples and FID batch dependent); its previous mode is restored."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class LatentModel(L.LightningModule):

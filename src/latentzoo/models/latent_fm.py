@@ -28,18 +28,17 @@ ODE state stays fp32. Checkpoints leave out the frozen first stage when its conf
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from latentzoo.models.autoencoders.base import FirstStage
-from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory
+from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory, eval_mode
 from latentzoo.models.ema import EMA, EMACheckpoint
 from latentzoo.models.samplers import SAMPLER_KEYS, StraightPath, convert_lfm, guided_field, solve
 from latentzoo.utils.errors import CheckpointError, LatentzooError
@@ -375,7 +374,7 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
         settings.update({k: v for k, v in (("name", sampler), ("steps", steps)) if v is not None})
         if "name" in settings:
             settings["method"] = settings.pop("name")
-        with _eval_mode(net):
+        with eval_mode(net):
             z, nfe = solve(guided_field(velocity, y, self.null_label, scale), x0, **settings)
         self.last_nfe, self.last_net_forwards = nfe, nfe * (2 if guided else 1)
         return z if return_latents else self.decode_latents(z)
@@ -395,14 +394,3 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
 
 def _has_first_stage(state_dict: Mapping[str, Any]) -> bool:
     return any(k.startswith(FIRST_STAGE) for k in state_dict)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Sample in eval mode (dropout off), then restore the training flag."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)

@@ -24,14 +24,19 @@ step goes through the strategy and does not advance it). Evaluation must use eva
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from latentzoo.models.base import LatentModel, OptimizerFactory, SchedulerFactory, reparameterize
+from latentzoo.models.base import (
+    LatentModel,
+    OptimizerFactory,
+    SchedulerFactory,
+    eval_mode,
+    reparameterize,
+)
 from latentzoo.models.beta_vae import GaussianVAEMixin, gaussian_kl
 from latentzoo.utils.checkpoint_io import resume_advice
 from latentzoo.utils.errors import NonFiniteLossError
@@ -45,17 +50,6 @@ def squared_error(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tenso
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) summed over latent dimensions, one value per sample."""
     return gaussian_kl(mean, logvar).sum(1)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """BatchNorm with running statistics inside the block; the previous mode is restored."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 class SoftIntroVAE(GaussianVAEMixin, LatentModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from torch import nn
 from latentzoo.metrics.generative.imaging import to_uint8
 from latentzoo.metrics.generative.metric import GenerativeMetrics
 from latentzoo.metrics.generative.progress import dist_info, progress_bar
+from latentzoo.models.base import eval_mode
 from latentzoo.utils.errors import LatentzooError
 from latentzoo.utils.logging import RankedLogger
 
@@ -80,17 +81,6 @@ def sample_call_kwargs(model: nn.Module, kwargs: dict[str, Any], labelled: bool)
         log.warning(f"{type(model).__name__}.sample() takes no labels: sampling unconditionally")
         return False
     return labelled
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode (BatchNorm/dropout in train mode make FID batch dependent)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _sync(device: torch.device) -> None:

@@ -21,6 +21,7 @@ adds a null label row (index ``num_classes``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,25 @@ from latentzoo.models.nets.dit import timestep_embedding
 from latentzoo.utils.errors import LatentzooError
 
 log = logging.getLogger(__name__)
+
+
+def unet_levels(
+    input_size: int, channel_mult: Sequence[int], attention_resolutions: Sequence[int]
+) -> list[int]:
+    """The latent resolution of each UNet level; refuses attention at a resolution no level has
+    and a latent that cannot be halved once per level."""
+    levels = [input_size >> i for i in range(len(channel_mult))]
+    if bad := set(attention_resolutions) - set(levels):
+        raise LatentzooError(
+            f"attention_resolutions {sorted(bad)} are not latent resolutions of this UNet "
+            f"(levels {levels} for a {input_size}x{input_size} latent)"
+        )
+    if input_size % (1 << (len(channel_mult) - 1)):
+        raise LatentzooError(
+            f"latent size {input_size} cannot be halved {len(channel_mult) - 1} times; "
+            "use fewer channel_mult levels"
+        )
+    return levels
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -163,18 +183,8 @@ class ADMUNet(nn.Module):
         self.label_emb = None
         if num_classes > 0:
             self.label_emb = nn.Embedding(num_classes + int(class_dropout > 0), emb_dim)
-        levels = [input_size >> i for i in range(len(channel_mult))]
+        unet_levels(input_size, channel_mult, attention_resolutions)
         attn = set(attention_resolutions)
-        if bad := attn - set(levels):
-            raise LatentzooError(
-                f"attention_resolutions {sorted(bad)} are not latent resolutions of this UNet "
-                f"(levels {levels} for a {input_size}x{input_size} latent)"
-            )
-        if input_size % (1 << (len(channel_mult) - 1)):
-            raise LatentzooError(
-                f"latent size {input_size} cannot be halved {len(channel_mult) - 1} times; "
-                "use fewer channel_mult levels"
-            )
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout, use_scale_shift_norm)

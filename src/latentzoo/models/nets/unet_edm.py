@@ -33,6 +33,7 @@ from einops import rearrange
 from torch import nn
 
 from latentzoo.models.nets.dit import timestep_embedding
+from latentzoo.models.nets.unet_adm import unet_levels
 from latentzoo.utils.errors import LatentzooError
 
 log = logging.getLogger(__name__)
@@ -154,18 +155,8 @@ class DhariwalUNet(nn.Module):
         super().__init__()
         self.in_channels, self.input_size, self.num_classes = in_channels, input_size, num_classes
         self.model_channels, self.time_scale = model_channels, time_scale
-        levels = [input_size >> level for level in range(len(channel_mult))]
+        levels = unet_levels(input_size, channel_mult, attention_resolutions)
         attention = set(attention_resolutions)
-        if bad := attention - set(levels):
-            raise LatentzooError(
-                f"attention_resolutions {sorted(bad)} are not latent resolutions of this UNet "
-                f"(levels {levels} for a {input_size}x{input_size} latent)"
-            )
-        if input_size % (1 << (len(channel_mult) - 1)):
-            raise LatentzooError(
-                f"latent size {input_size} cannot be halved {len(channel_mult) - 1} times; "
-                "use fewer channel_mult levels"
-            )
         emb = model_channels * channel_mult_emb
         self.map_layer0 = nn.Linear(model_channels, emb)
         self.map_layer1 = nn.Linear(emb, emb)
