@@ -35,7 +35,11 @@ SMALL_FACTORS = ["data.dataset.size=small", "data.val_size=32", "data.test_size=
 METHODS = {
     "beta_vae": SMALL_FACTORS,
     "factor_vae": ["model=factor_vae", *SMALL_FACTORS],
-    "soft_intro_vae": ["experiment=soft_intro_vae_proc_cifar", "data.num_train=64"],
+    "soft_intro_vae": [
+        "experiment=soft_intro_vae_proc_cifar",
+        "data.num_train=64",
+        "data.val_size=16",
+    ],
     "latent_flow": ["experiment=latent_flow_proc_dsprites", "data.k_sampling=per_batch"],
     "latent_fm": ["experiment=latent_fm_proc_blobs", "data.image_size=16", "model.ema_decay=0.5"],
     "kl_autoencoder": ["model=kl_autoencoder", "data=proc_blobs", "data.image_size=16"],

@@ -67,6 +67,7 @@ METHODS = {
     "soft_intro_vae": [
         "experiment=soft_intro_vae_proc_cifar",
         "data.num_train=64",
+        "data.val_size=16",
         "data.batch_size=4",
         "callbacks.epoch_checkpoint=null",
     ],
