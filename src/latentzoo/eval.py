@@ -27,6 +27,7 @@ from latentzoo.utils import (
     print_metrics_table,
     task_wrapper,
 )
+from latentzoo.utils.compat import check_compatible, config_choices
 from latentzoo.utils.checkpoint import (
     check_finite,
     check_same_model,
@@ -53,6 +54,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
+    # another dataset (data=...) must be one the saved model accepts
+    check_compatible(saved.model, cfg.data if cfg.get("data") else saved.data, config_choices())
     data_cfg = resolve_batch_size(cfg.data if cfg.get("data") else saved.data, world_size=1)
     log.info(f"Instantiating datamodule <{data_cfg._target_}>")
     datamodule: L.LightningDataModule = hydra.utils.instantiate(data_cfg)
