@@ -27,13 +27,13 @@ from latentzoo.utils import (
     print_metrics_table,
     task_wrapper,
 )
-from latentzoo.utils.compat import check_compatible, config_choices
 from latentzoo.utils.checkpoint import (
     check_finite,
     check_same_model,
     checkpoint_config,
     load_checkpoint,
 )
+from latentzoo.utils.compat import check_compatible, config_choices
 from latentzoo.utils.distributed import resolve_batch_size
 from latentzoo.utils.entry import run_hydra_task
 

@@ -73,7 +73,9 @@ def model_accepts(model_target: str) -> tuple[str, ...] | None:
     return _lookup(model_target, MODEL_ACCEPTS)  # type: ignore[return-value]
 
 
-def check_compatible(model_cfg: DictConfig, data_cfg: DictConfig, names: dict | None = None) -> None:
+def check_compatible(
+    model_cfg: DictConfig, data_cfg: DictConfig, names: dict | None = None
+) -> None:
     """Refuse a model/data pair from a family the model does not accept, in one line.
 
     ``names`` (Hydra's ``runtime.choices``) names the configs in the message; a model or
