@@ -48,14 +48,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     checkpoint = load_checkpoint(cfg.ckpt_path)
     saved = checkpoint_config(checkpoint, cfg.ckpt_path)
     check_finite(checkpoint, cfg.ckpt_path)
+    # another dataset (data=...) must be one the saved model accepts
+    check_compatible(saved.model, cfg.data if cfg.get("data") else saved.data, config_choices())
     if cfg.get("model"):
         check_same_model(saved, cfg.model.get("_target_"), cfg.ckpt_path)
         log.info("Using the model config saved in the checkpoint (model= only checks the type)")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    # another dataset (data=...) must be one the saved model accepts
-    check_compatible(saved.model, cfg.data if cfg.get("data") else saved.data, config_choices())
     data_cfg = resolve_batch_size(cfg.data if cfg.get("data") else saved.data, world_size=1)
     log.info(f"Instantiating datamodule <{data_cfg._target_}>")
     datamodule: L.LightningDataModule = hydra.utils.instantiate(data_cfg)
