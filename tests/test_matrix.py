@@ -289,6 +289,19 @@ def test_rejected_pair_is_refused(model: str, data: str) -> None:
 CLI_REJECTED = [("latent_flow", "proc_blobs"), ("beta_vae", "proc_dsprites_seq")]
 
 
+def test_readme_shows_the_declared_matrix() -> None:
+    """The README's family table lists, per family, exactly the models that accept it."""
+    rows = {
+        line.split("|")[1].strip(" `"): line.split("|")[3]
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| `") and line.split("|")[1].strip(" `") in FAMILIES
+    }
+    assert set(rows) == set(FAMILIES)
+    for family, cell in rows.items():
+        listed = {name.strip(" `") for name in cell.split(",")}
+        assert listed == {m for m in MODELS if family in ACCEPTS[m]}, family
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model,data", CLI_REJECTED)
 def test_rejected_pair_stops_with_one_line(model: str, data: str, tmp_path: Path) -> None:
