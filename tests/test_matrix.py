@@ -355,7 +355,7 @@ def test_write_matrix(matrix_runs: dict) -> None:
         )
     )
     width = max(map(len, DATA))
-    print("\n" + " " * width + " " + " ".join(m[:8].rjust(8) for m in MODELS))
+    print("\n" + " " * width + " " + " ".join(m[:11].rjust(11) for m in MODELS))
     for d in DATA:
-        print(d.ljust(width) + " " + " ".join(cells[m][d][:8].rjust(8) for m in MODELS))
+        print(d.ljust(width) + " " + " ".join(cells[m][d].rjust(11) for m in MODELS))
     assert all(cells[m][d] != "not run" for m in MODELS for d in DATA)
