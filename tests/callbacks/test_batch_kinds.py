@@ -215,3 +215,18 @@ def test_sigterm_during_the_final_sample_grid_stops_it_and_saves(tmp_path: Path)
     assert (name, signum, step) == ("SIGTERM", signal.SIGTERM, 2)
     assert Path(path).name == "last.ckpt" and Path(path).exists()
     assert signal.getsignal(signal.SIGTERM) is not checkpoints._handle_signal  # restored
+
+
+def test_fid_callback_on_cpu_caps_sizes_and_sets_the_solver() -> None:
+    from latentzoo.callbacks.fid import FIDCallback
+
+    cpu = {"num_samples": 500, "sampler": "euler", "steps": 16, "reference_num_images": 2000}
+    flow = FIDCallback(num_samples=5000, sampler="dopri5", on_cpu=cpu)
+    flow._size_to_device(SolverModel())
+    assert (flow.num_samples, flow.reference_num_images) == (500, 2000)
+    assert flow.sample_kwargs["sampler"] == "euler" and flow.sample_kwargs["steps"] == 16
+    vae = FIDCallback(num_samples=48, on_cpu=cpu)  # smaller stays; sample() takes no solver
+    vae._size_to_device(SamplingModel())
+    assert vae.num_samples == 48 and vae.sample_kwargs["sampler"] is None
+    with pytest.raises(ValueError, match="on_cpu"):
+        FIDCallback(on_cpu={"extractor": "tiny"})

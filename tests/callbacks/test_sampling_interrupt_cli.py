@@ -69,4 +69,3 @@ def test_sigterm_during_the_final_sample_grid_exits_143_with_last_ckpt(tmp_path:
     assert record["status"] == "interrupted" and record["interrupted_by"] == "SIGTERM"
     assert not list((tmp_path / "run").rglob("samples_*.png"))
     assert "Testing" not in text
-
