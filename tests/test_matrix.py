@@ -136,12 +136,6 @@ MODEL_RUN = {
     ],
     "latent_flow": ["model.latent_dim=8"],
 }
-# crashes of issue 22 that another branch fixes (latent_fm's heavy default sampling does not
-# show with the tiny backbone used here); strict=False: they pass once merged
-FIXED_ELSEWHERE = {
-    "latent_flow": "image-grid callback on sequence batches (fixed on h22-fixes)",
-    "soft_intro_vae": "mandatory model.beta_neg (fixed on h22-fixes)",
-}
 
 
 def end_to_end() -> list[tuple[str, str]]:
@@ -234,15 +228,8 @@ def _run(script: str, *args: str) -> str:
     return result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def _expected_failure(model: str):
-    reason = FIXED_ELSEWHERE.get(model)
-    return [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "model,data", [pytest.param(m, d, marks=_expected_failure(m)) for m, d in RUNS]
-)
+@pytest.mark.parametrize("model,data", RUNS)
 def test_accepted_pair_trains_and_evaluates(model: str, data: str, matrix_runs: dict) -> None:
     """train.py with the default callbacks: completed run, checkpoint, pictures; eval.py on it."""
     OUTCOMES[model, data] = "fail"

@@ -223,7 +223,9 @@ def test_missing_weights_message_lists_the_options(tmp_path: Path) -> None:
 
 
 def _blobs(num_train: int = 96, seed: int = 0) -> ProcBlobsDataModule:
-    return ProcBlobsDataModule(image_size=16, num_train=num_train, num_val=8, num_test=8, content_seed=seed)
+    return ProcBlobsDataModule(
+        image_size=16, num_train=num_train, num_val=8, num_test=8, content_seed=seed
+    )
 
 
 def test_reference_cache_hit_and_miss_on_setting_changes(tmp_path: Path, monkeypatch) -> None:

@@ -212,7 +212,7 @@ class _GridCallback(L.Callback):
             return
         if stop_requested(trainer):  # stopping on a signal: no new grid
             return
-        missing = [name for name in self.required if not hasattr(model, name)]
+        missing = self.missing(model)
         if missing:
             log.warning(f"{type(self).__name__} disabled: the model has no {', '.join(missing)}")
             self._enabled = False
@@ -251,12 +251,19 @@ class _GridCallback(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module)
 
+    def missing(self, model: L.LightningModule) -> list[str]:
+        """The capabilities this grid needs that ``model`` lacks."""
+        return [name for name in self.required if not hasattr(model, name)]
+
 
 class ReconstructionGrid(_GridCallback):
     """Top row: validation images; bottom row: their reconstructions (``model.reconstruct``, else
     decode of encode)."""
 
     name = "reconstructions"
+
+    def missing(self, model: L.LightningModule) -> list[str]:
+        return [] if hasattr(model, "reconstruct") else super().missing(model)
 
     def draw(self, model: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
         reconstruct = getattr(model, "reconstruct", None)
