@@ -33,6 +33,7 @@ from latentzoo.utils.checkpoint import (
     checkpoint_config,
     load_checkpoint,
 )
+from latentzoo.utils.compat import check_compatible, config_choices
 from latentzoo.utils.distributed import resolve_batch_size
 from latentzoo.utils.entry import run_hydra_task
 
@@ -47,6 +48,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     checkpoint = load_checkpoint(cfg.ckpt_path)
     saved = checkpoint_config(checkpoint, cfg.ckpt_path)
     check_finite(checkpoint, cfg.ckpt_path)
+    # another dataset (data=...) must be one the saved model accepts
+    check_compatible(saved.model, cfg.data if cfg.get("data") else saved.data, config_choices())
     if cfg.get("model"):
         check_same_model(saved, cfg.model.get("_target_"), cfg.ckpt_path)
         log.info("Using the model config saved in the checkpoint (model= only checks the type)")

@@ -32,6 +32,7 @@ from latentzoo.utils.checkpoint import (
     load_checkpoint,
 )
 from latentzoo.utils.checkpoint_io import install_atomic_checkpoint_io
+from latentzoo.utils.compat import check_pair
 from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision, strategy_for
 from latentzoo.utils.entry import run_hydra_task
 from latentzoo.utils.resume import checkpoint_to_resume, skip_finished
@@ -49,6 +50,7 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     Called as ``train(cfg)``: ``record_run`` supplies ``record`` and writes
     ``<output_dir>/metrics.json`` (final metrics, or the error of a failed run).
     """
+    check_pair(cfg)  # also for train(cfg) called from code: before anything is built
     set_matmul_precision(cfg.get("float32_matmul_precision"))
     if cfg.get("seed") is not None:  # the same initial weights on every rank
         L.seed_everything(cfg.seed, workers=True)
@@ -124,6 +126,7 @@ def save_final_last(trainer: L.Trainer) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train.yaml")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    run_hydra_task(check_pair, cfg)  # an unaccepted model/data pair: one line, before any output
     extras(cfg)
     metrics, _ = run_hydra_task(train, cfg)
     return get_metric_value(metrics, cfg.get("optimized_metric"))

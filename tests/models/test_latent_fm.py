@@ -380,9 +380,19 @@ def test_big_backbone_configs_resolve(tmp_path: Path) -> None:
 def test_train_then_eval_restores_ema_from_the_checkpoint(tmp_path: Path) -> None:
     from latentzoo.eval import evaluate
     from latentzoo.train import train
-    from tests.conftest import TINY
+    from tests.conftest import TINY_TRAINER
 
     model_overrides = [
+        *TINY_TRAINER,
+        "~callbacks.rich_progress_bar",
+        "~callbacks.rich_model_summary",
+        "data=proc_blobs",
+        "data.image_size=16",
+        "data.num_train=64",
+        "data.num_val=16",
+        "data.num_test=16",
+        "data.batch_size=8",
+        "test=false",  # the test stage would reload the best (step-2) checkpoint into the model
         "model=latent_fm",
         "model/backbone=dit_tiny",
         "model.backbone.patch_size=8",
@@ -390,7 +400,7 @@ def test_train_then_eval_restores_ema_from_the_checkpoint(tmp_path: Path) -> Non
         "model.ema_decay=0.5",
     ]
     run = tmp_path / "run"
-    _, objects = train(compose_config("train", [*TINY, *model_overrides], run))
+    _, objects = train(compose_config("train", model_overrides, run))
     trained = objects["model"]
     assert objects["trainer"].global_step == 4 and trained.ema.num_updates == 4
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -410,7 +420,7 @@ def test_train_then_eval_restores_ema_from_the_checkpoint(tmp_path: Path) -> Non
     for name, value in saved.items():
         assert torch.equal(model.ema.shadow[name].cpu(), value), name
     images = model.sample(4, sampler="euler", steps=2)
-    assert images.shape == (4, 1, 64, 64) and images.min() >= 0 and images.max() <= 1
+    assert images.shape == (4, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
     assert model.last_nfe == 2 and "test/loss" in metrics
 
 

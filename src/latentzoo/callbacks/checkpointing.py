@@ -170,6 +170,11 @@ class Checkpoints(ModelCheckpoint):
             f"(send {name} again to stop at once, without saving)\n".encode(),
         )
 
+    @property
+    def stop_requested(self) -> bool:
+        """A stop signal reached this rank (read by sampling callbacks, see ``interrupt.py``)."""
+        return self._signal is not None
+
     # --- saving ---------------------------------------------------------------------------------
     def _skip(self, trainer: L.Trainer) -> bool:
         return (
@@ -269,6 +274,11 @@ class Checkpoints(ModelCheckpoint):
 
     # --- teardown -------------------------------------------------------------------------------
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stopped_by is None and not self._skip(trainer) and self._stop_requested(trainer):
+            # the signal came after the last batch (e.g. during an end-of-training sample grid,
+            # which then aborted): save and exit with the resume command, not test (decided
+            # together under DDP, as every rank reaches this hook)
+            self._signal_stop(trainer, pl_module)
         self._restore_handlers()
         if self.save_last and not self._last_checkpoint_saved and not self._skip(trainer):
             self._save_last(trainer, pl_module)

@@ -17,7 +17,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
-from latentzoo.callbacks.images import log_image
+from latentzoo.callbacks.images import describe_batch, log_image
+from latentzoo.callbacks.interrupt import SamplingInterrupted, abort_on_stop, stop_requested
 from latentzoo.metrics.equivariance import unpack_sequences
 from latentzoo.utils.logging import RankedLogger
 
@@ -38,10 +39,17 @@ def save_gif(frames: list[torch.Tensor], path: Path, duration_ms: int = 250) -> 
     )
 
 
+class NotSequences(Exception):
+    """The data yields no sequence batches ``{"frames", "k"}``."""
+
+
 def collect_examples(loader: Any, num_k: int, per_k: int, max_batches: int = 100) -> dict:
     """The first ``per_k`` sequences of each transformation found in ``loader``: {k: frames}."""
     found: dict[int, list[torch.Tensor]] = {}
     for i, batch in enumerate(loader):
+        if not (isinstance(batch, dict) and "frames" in batch or hasattr(batch, "frames")):
+            kind = describe_batch(batch)
+            raise NotSequences(f"the validation batches ({kind}) hold no sequences")
         frames, k = unpack_sequences(batch)
         for kk in k.unique().tolist():
             have = sum(len(f) for f in found.get(kk, []))
@@ -99,7 +107,7 @@ class FlowPaths(L.Callback):
 
     @rank_zero_only
     def write(self, trainer: L.Trainer, model: L.LightningModule) -> list[Path]:
-        if not self._enabled:
+        if not self._enabled or stop_requested(trainer):
             return []
         if not all(hasattr(model, name) for name in ("transform", "num_transforms")):
             log.warning("FlowPaths disabled: the model has no transform(x, k, steps)")
@@ -111,13 +119,20 @@ class FlowPaths(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         written = []
         try:
-            for k, frames in self._fixed_examples(trainer, model).items():
-                grid, gif = self.draw(model, frames.to(model.device), k)
-                png = self.dirpath / f"flow_k{k}_step{step:06d}.png"
-                save_image(grid.float().cpu(), png)
-                save_gif([f.float().cpu() for f in gif], png.with_suffix(".gif"), self.duration_ms)
-                log_image(trainer, f"flow_paths/k{k}", grid.float().cpu(), step)
-                written += [png, png.with_suffix(".gif")]
+            with abort_on_stop(trainer):
+                for k, frames in self._fixed_examples(trainer, model).items():
+                    grid, gif = self.draw(model, frames.to(model.device), k)
+                    png = self.dirpath / f"flow_k{k}_step{step:06d}.png"
+                    save_image(grid.float().cpu(), png)
+                    gif_path = png.with_suffix(".gif")
+                    save_gif([f.float().cpu() for f in gif], gif_path, self.duration_ms)
+                    log_image(trainer, f"flow_paths/k{k}", grid.float().cpu(), step)
+                    written += [png, gif_path]
+        except NotSequences as reason:
+            log.warning(f"FlowPaths disabled: {reason}")
+            self._enabled = False
+        except SamplingInterrupted:
+            log.warning(f"flow paths at step {step} skipped: stopping on a signal")
         finally:
             model.train(was_training)
         return written

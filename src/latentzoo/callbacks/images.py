@@ -3,14 +3,20 @@ the image-capable loggers (TensorBoard, Weights & Biases).
 
 Model-agnostic: a model qualifies if it has ``encode(x) -> [B, D]`` (a deterministic code) and
 ``decode(z) -> images in [0, 1]``; otherwise the callback disables itself with a warning.
+Data-agnostic: the images come from any batch kind the datamodules yield (:func:`batch_images`);
+batches without images (a latent cache) disable the data-driven grids with one warning.
+A stop signal (SIGINT/SIGTERM, see :mod:`latentzoo.callbacks.interrupt`) aborts a grid at its
+next net evaluation; the grid is then skipped with one log line.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -18,6 +24,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
+from latentzoo.callbacks.interrupt import SamplingInterrupted, abort_on_stop, stop_requested
 from latentzoo.callbacks.randomness import rank_seed
 from latentzoo.utils.logging import RankedLogger
 
@@ -113,8 +120,44 @@ def traversal_values(
     return low[:, None] + (high - low)[:, None] * steps  # [D, num_steps]
 
 
+IMAGE_KEYS = ("image", "images", "frames")  # dict batches: images, or sequences (their frames)
+
+
+def batch_images(batch: Any) -> torch.Tensor | None:
+    """The ``[B, C, H, W]`` images of a loader batch of any kind the datamodules yield: an image
+    tensor, an ``(images, labels, ...)`` tuple or list, a dict with an ``image``/``images`` key,
+    or a sequence batch (a ``{"frames": [B, S+1, C, H, W], ...}`` dict or a tuple whose first
+    item is such frames), of which the first frames are taken. ``None`` when the batch holds no
+    images, e.g. a latent cache's ``{"latent", "label"}``."""
+    if isinstance(batch, dict):
+        key = next((k for k in IMAGE_KEYS if k in batch), None)
+        batch = batch[key] if key is not None else None
+    elif isinstance(batch, list | tuple) and batch:
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        return None
+    if batch.dim() == 5:  # sequences (B, S+1, C, H, W): their first frames
+        return batch[:, 0]
+    return batch if batch.dim() == 4 else None
+
+
+def describe_batch(batch: Any) -> str:
+    """A short description of a batch's structure for a warning, e.g. ``dict{latent, label}``."""
+    if isinstance(batch, dict):
+        return f"dict{{{', '.join(map(str, batch))}}}"
+    if isinstance(batch, list | tuple):
+        return f"{type(batch).__name__}({', '.join(describe_batch(item) for item in batch)})"
+    if isinstance(batch, torch.Tensor):
+        return f"tensor{list(batch.shape)}"
+    return type(batch).__name__
+
+
 class UnsupportedModel(Exception):
     """The model has the capabilities by name but not in the shape a callback needs."""
+
+
+class UnsupportedData(Exception):
+    """The data's batches lack what a callback needs (e.g. images in a latent cache)."""
 
 
 class _GridCallback(L.Callback):
@@ -153,7 +196,11 @@ class _GridCallback(L.Callback):
             loaders = trainer.val_dataloaders or trainer.datamodule.val_dataloader()
             loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
             batch = next(iter(loader))
-            images = batch[0] if isinstance(batch, list | tuple) else batch
+            images = batch_images(batch)
+            if images is None:
+                raise UnsupportedData(
+                    f"the validation batches ({describe_batch(batch)}) hold no images"
+                )
             self._images = images[: self.images_needed].cpu()
         return self._images
 
@@ -163,7 +210,9 @@ class _GridCallback(L.Callback):
         step = trainer.global_step
         if not self._enabled or step == self._last_step:  # train end right after a periodic one
             return
-        missing = [name for name in self.required if not hasattr(model, name)]
+        if stop_requested(trainer):  # stopping on a signal: no new grid
+            return
+        missing = self.missing(model)
         if missing:
             log.warning(f"{type(self).__name__} disabled: the model has no {', '.join(missing)}")
             self._enabled = False
@@ -172,7 +221,7 @@ class _GridCallback(L.Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), abort_on_stop(trainer):
                 images = self._fixed_images(trainer).to(model.device)
                 start = time.perf_counter()
                 grid = self.draw(model, images).float().cpu()
@@ -186,9 +235,11 @@ class _GridCallback(L.Callback):
                     save_image(grid, self.dirpath / f"{self.name}_step{step:06d}.png")
                     log_image(trainer, f"images/{self.name}", grid, step)
                     self.extra(trainer, model, images, step)
-        except UnsupportedModel as reason:
+        except (UnsupportedModel, UnsupportedData) as reason:
             log.warning(f"{type(self).__name__} disabled: {reason}")
             self._enabled = False
+        except SamplingInterrupted:
+            log.warning(f"{self.name} grid at step {step} skipped: stopping on a signal")
         finally:
             model.train(was_training)
 
@@ -200,12 +251,19 @@ class _GridCallback(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module)
 
+    def missing(self, model: L.LightningModule) -> list[str]:
+        """The capabilities this grid needs that ``model`` lacks."""
+        return [name for name in self.required if not hasattr(model, name)]
+
 
 class ReconstructionGrid(_GridCallback):
     """Top row: validation images; bottom row: their reconstructions (``model.reconstruct``, else
     decode of encode)."""
 
     name = "reconstructions"
+
+    def missing(self, model: L.LightningModule) -> list[str]:
+        return [] if hasattr(model, "reconstruct") else super().missing(model)
 
     def draw(self, model: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
         reconstruct = getattr(model, "reconstruct", None)
@@ -217,6 +275,13 @@ class SampleGrid(_GridCallback):
     """Images from ``model.sample(n)`` (in [0, 1]) drawn with a fixed seed, so grids at
     different steps start from the same noise and show how the samples evolve.
 
+    Sized to the device: on the CPU ``on_cpu`` caps ``num_images`` and replaces ``sampler`` and
+    ``steps`` (by default at most 16 images and 16 Euler steps instead of the model's adaptive
+    solver), so a CPU run's end-of-training grid costs seconds to minutes, not hours
+    (``on_cpu=None``: the same settings on every device).
+    ``sampler``/``steps`` reach only models whose ``sample`` takes them (flow models); the others
+    (VAEs: one decoder pass) ignore them.
+
     Under DDP each of the W ranks samples ⌈n / W⌉ images from seed (seed, rank) and rank 0
     gathers them: sampling (e.g. an adaptive ODE solve) is split instead of stalling W − 1
     ranks. The grid's noise therefore depends on the world size, not on the step."""
@@ -224,26 +289,62 @@ class SampleGrid(_GridCallback):
     name = "samples"
     required = ("sample",)
     sharded = True
+    SETTINGS = ("num_images", "sampler", "steps")
 
     def __init__(
-        self, dirpath: str, every_n_steps: int = 500, num_images: int = 64, seed: int = 0
+        self,
+        dirpath: str,
+        every_n_steps: int = 500,
+        num_images: int = 64,
+        seed: int = 0,
+        sampler: str | None = None,
+        steps: int | None = None,
+        on_cpu: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(dirpath, every_n_steps, num_images)
         self.seed = seed
+        self.sampler = sampler
+        self.steps = steps
+        self.on_cpu = dict(on_cpu or {})
+        unknown = sorted(set(self.on_cpu) - set(self.SETTINGS))
+        if unknown:
+            raise ValueError(f"SampleGrid on_cpu takes {', '.join(self.SETTINGS)}, not {unknown}")
+        self._announced: set[str] = set()
+
+    def settings(self, device: torch.device) -> dict[str, Any]:
+        """``num_images``, ``sampler`` and ``steps`` for a model on ``device``."""
+        settings = {name: getattr(self, name) for name in self.SETTINGS}
+        if device.type == "cpu":
+            cap = self.on_cpu.get("num_images")
+            settings.update(self.on_cpu)
+            settings["num_images"] = min(self.num_images, cap) if cap else self.num_images
+        return settings
 
     def _fixed_images(self, trainer: L.Trainer) -> torch.Tensor:
         return torch.empty(0)  # samples need no data
 
     def draw(self, model: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
+        settings = self.settings(model.device)
+        num_images = int(settings["num_images"])
+        accepted = inspect.signature(model.sample).parameters
+        options = {
+            key: settings[key]
+            for key in ("sampler", "steps")
+            if settings[key] is not None and key in accepted
+        }
+        if model.device.type not in self._announced:
+            self._announced.add(model.device.type)
+            solver = ", ".join(f"{k}={v}" for k, v in options.items()) or "the model's sampler"
+            log.info(f"sample grid on {model.device.type}: {num_images} images, {solver}")
         trainer = model._trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         cuda = [model.device.index or 0] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # leave the training RNG untouched
             torch.manual_seed(self.seed if world == 1 else rank_seed(self.seed, rank))
-            samples = model.sample(math.ceil(self.num_images / world))
+            samples = model.sample(math.ceil(num_images / world), **options)
         if world > 1:
-            samples = model.all_gather(samples).flatten(0, 1)[: self.num_images]
-        rows = max(1, round(self.num_images**0.5))
+            samples = model.all_gather(samples).flatten(0, 1)[:num_images]
+        rows = max(1, round(num_images**0.5))
         return make_grid(samples.float().clamp(0, 1), nrow=rows, pad_value=0.5)
 
 

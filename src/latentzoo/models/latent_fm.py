@@ -76,6 +76,9 @@ def warmup_cosine_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+CPU_PARAMS_WARN_M = 50  # nets above this many million parameters get a warning on the CPU
+
+
 class LatentFlowMatching(EMACheckpoint, LatentModel):
     """Conditional flow matching on the latents of a frozen autoencoder.
 
@@ -252,6 +255,13 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
     def on_fit_start(self) -> None:
         if self.ema is not None:
             self.ema.to(self.device)
+        millions = sum(p.numel() for p in self.net.parameters()) / 1e6
+        if self.device.type == "cpu" and millions > CPU_PARAMS_WARN_M:
+            log.warning(
+                f"training a {millions:.0f}M-parameter {type(self.net).__name__} on the CPU: "
+                "each step takes minutes (the paper's DiT-L/2 is sized for GPUs); for a CPU try "
+                "pass model/backbone=dit_tiny (or unet_tiny)"
+            )
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "check_autoencoder"):
             datamodule.check_autoencoder(self.first_stage)
