@@ -1,5 +1,5 @@
-"""DataModules for Deep Latent Particles: procedural multi-shapes, CLEVRER frames (one array)
-and the CelebA/MAFL landmark protocol (not available yet: fails with what is missing).
+"""DataModules for Deep Latent Particles: procedural multi-shapes and CLEVRER frames (one array);
+the CelebA/MAFL landmark protocol lives in :mod:`latentzoo.data.celeba_mafl` (re-exported here).
 
 Loaders yield ``(images [B, C, H, W] in [0, 1], labels)`` like every ImageDataModule.
 """
@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from latentzoo.data.celeba_mafl import CelebAMAFLDataModule
 from latentzoo.data.datasets.errors import DatasetFormatError, DatasetNotFoundError
 from latentzoo.data.datasets.proc_multishapes import ProcMultiShapes
 from latentzoo.data.images import ImageDataModule
-from latentzoo.utils.errors import LatentzooError
 
 __all__ = ["CLEVRERFramesDataModule", "CelebAMAFLDataModule", "ProcMultiShapesDataModule"]
 
@@ -114,21 +114,3 @@ class CLEVRERFramesDataModule(ImageDataModule):
             "val": _Frames(frames, val_start, cut),
             "test": _Frames(frames, cut, len(frames)),
         }
-
-
-class CelebAMAFLDataModule(ImageDataModule):
-    """CelebA/MAFL landmark protocol (DVE): not available yet. Fails with what is missing."""
-
-    def __init__(self, root: str, image_size: int = 128, **kwargs: Any) -> None:
-        kwargs.setdefault("name", "celeba_mafl")
-        kwargs.setdefault("image_shape", [3, image_size, image_size])
-        super().__init__(**kwargs)
-        self.root = Path(root)
-
-    def build(self) -> dict[str, Dataset]:
-        raise LatentzooError(
-            f"celeba_mafl is not available yet in latentzoo: its loader (aligned CelebA "
-            f"img_align_celeba/, list_landmarks_align_celeba.txt and the MAFL training.txt / "
-            f"testing.txt under {self.root}, width 160 with a 16 px crop -> 128 px, DVE protocol, "
-            "optional TPS pairs) is not written. Use data=proc_multishapes meanwhile."
-        )
