@@ -1,5 +1,6 @@
-"""DataModules for Deep Latent Particles: procedural multi-shapes and CLEVRER frames (one array);
-the CelebA/MAFL landmark protocol lives in :mod:`latentzoo.data.celeba_mafl` (re-exported here).
+"""DataModules for Deep Latent Particles: procedural multi-shapes, CLEVRER and Traffic frames (one
+array each); the CelebA/MAFL landmark protocol lives in :mod:`latentzoo.data.celeba_mafl`
+(re-exported here).
 
 Loaders yield ``(images [B, C, H, W] in [0, 1], labels)`` like every ImageDataModule.
 """
@@ -18,7 +19,12 @@ from latentzoo.data.datasets.errors import DatasetFormatError, DatasetNotFoundEr
 from latentzoo.data.datasets.proc_multishapes import ProcMultiShapes
 from latentzoo.data.images import ImageDataModule
 
-__all__ = ["CLEVRERFramesDataModule", "CelebAMAFLDataModule", "ProcMultiShapesDataModule"]
+__all__ = [
+    "CLEVRERFramesDataModule",
+    "CelebAMAFLDataModule",
+    "ProcMultiShapesDataModule",
+    "TrafficFramesDataModule",
+]
 
 
 class ProcMultiShapesDataModule(ImageDataModule):
@@ -68,11 +74,18 @@ class _Frames(Dataset):
 
 
 class CLEVRERFramesDataModule(ImageDataModule):
-    """CLEVRER frames as DLP uses them: one uint8 array [N, H, W, 3] (frames resized to 128 with
-    bicubic, every 3rd frame from frame 26, in video order), memory-mapped. Split: the first
-    ``train_fraction`` for training (of which the last ``val_fraction`` is held out for
-    validation), the rest for test (DLP evaluates on it), so validation never sees test frames.
+    """CLEVRER frames as DLP reads them: one uint8 array [N, H, W, 3] (frames resized to 128 with
+    bicubic, every 3rd frame from frame 26, in video order; ``python -m
+    latentzoo.data.dlp_frames clevrer`` writes it), memory-mapped.
+
+    One file (``val_path`` null, datasets.md): the first ``train_fraction`` for training (of
+    which the last ``val_fraction`` is held out for validation), the rest for test (DLP
+    evaluates on it), so validation never sees test frames. Two files (the original's
+    ``clevrer_img128np_fs3_train.npy`` / ``_valid.npy``): train = all of ``path``, val = the
+    first ``val_frames`` of ``val_path`` (the original's 5000), test = the rest of ``val_path``.
     ``seed`` seeds the training order (null: the run seed)."""
+
+    dataset_name = "CLEVRER frames"
 
     def __init__(
         self,
@@ -80,6 +93,8 @@ class CLEVRERFramesDataModule(ImageDataModule):
         image_size: int = 128,
         train_fraction: float = 0.9,
         val_fraction: float = 0.05,
+        val_path: str | None = None,
+        val_frames: int = 5000,
         source: str = "",
         prepare: str = "",
         **kwargs: Any,
@@ -90,23 +105,42 @@ class CLEVRERFramesDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.path, self.train_fraction = Path(path), train_fraction
         self.val_fraction = val_fraction
+        self.val_path = Path(val_path) if val_path else None
+        self.val_frames = val_frames
         self.source, self.prepare = source, prepare
 
-    def build(self) -> dict[str, Dataset]:
-        if not self.path.is_file():
+    def _load(self, path: Path) -> np.ndarray:
+        if not path.is_file():
             raise DatasetNotFoundError(
-                "CLEVRER frames",
-                self.path,
+                self.dataset_name,
+                path,
                 expected=f"one .npy uint8 array [N, {self.image_size}, {self.image_size}, 3]",
                 source=self.source,
                 prepare=self.prepare,
             )
-        frames = np.load(self.path, mmap_mode="r")
-        if frames.ndim != 4 or tuple(frames.shape[1:]) != (self.image_size, self.image_size, 3):
+        frames = np.load(path, mmap_mode="r")
+        size = (self.image_size, self.image_size, 3)
+        if frames.ndim != 4 or tuple(frames.shape[1:]) != size or frames.dtype != np.uint8:
             raise DatasetFormatError(
-                f"{self.path}: expected [N, {self.image_size}, {self.image_size}, 3] uint8, "
+                f"{path}: expected [N, {self.image_size}, {self.image_size}, 3] uint8, "
                 f"got {frames.shape} {frames.dtype}"
             )
+        return frames
+
+    def build(self) -> dict[str, Dataset]:
+        frames = self._load(self.path)
+        if self.val_path is not None:
+            held = self._load(self.val_path)
+            if len(held) <= self.val_frames:
+                raise DatasetFormatError(
+                    f"{self.val_path}: {len(held)} frames leave none for test after the first "
+                    f"val_frames={self.val_frames} for validation; lower data.val_frames"
+                )
+            return {
+                "train": _Frames(frames, 0, len(frames)),
+                "val": _Frames(held, 0, self.val_frames),
+                "test": _Frames(held, self.val_frames, len(held)),
+            }
         cut = int(len(frames) * self.train_fraction)
         val_start = cut - max(1, int(cut * self.val_fraction))
         return {
@@ -114,3 +148,17 @@ class CLEVRERFramesDataModule(ImageDataModule):
             "val": _Frames(frames, val_start, cut),
             "test": _Frames(frames, cut, len(frames)),
         }
+
+
+class TrafficFramesDataModule(CLEVRERFramesDataModule):
+    """DLP's Traffic set (private; not distributed): the same one-array format, the original's
+    ``img128np_fs3.npy`` (frames cropped to (60, 0, 480, 420), resized to 128 bicubic, every
+    3rd; ``python -m latentzoo.data.dlp_frames traffic`` writes it). The original trains on the
+    first 90 % and validates on the last 10 %: here that 10 % is the test split and the last
+    ``val_fraction`` of the training part is held out for validation."""
+
+    dataset_name = "Traffic frames"
+
+    def __init__(self, path: str, **kwargs: Any) -> None:
+        kwargs.setdefault("name", "traffic")
+        super().__init__(path, **kwargs)
