@@ -5,6 +5,7 @@ written in the published formats (tests/data/dlp_data_files.py)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from latentzoo.data.tps import (
     random_tps_theta,
     solve_tps_theta,
     tps_design_matrix,
+    tps_kernel,
 )
 from latentzoo.metrics.keypoint_regression import KeypointRegression, landmark_regression_error
 from tests.conftest import run_cli
@@ -209,6 +211,27 @@ def test_translation_and_rotation_follow_the_original_convention() -> None:
     out = apply_tps(_ramp(size, size), quarter, design)[0, 0]
     # output pixel (col 15, row 10) = (x 0.5, y 0) samples (x 0, y -0.5) = (col 10, row 5)
     assert out[10, 15].item() == pytest.approx(5 * 1000 + 10, abs=1e-6)
+
+
+def test_kernel_and_random_parameters_are_the_originals() -> None:
+    """U(r²) = r² log(r² + 1e-5); weights N(0, 0.001²) with a random half N(0, 0.01²); rotation
+    N(0, 5°²), scale 1 + N(0, 0.1²), translation N(0, 0.1²) (DVE / DLP Warper defaults)."""
+    u = tps_kernel(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.3, 0.4], [0.0, 0.0]]))
+    torch.testing.assert_close(u, torch.tensor([[0.25 * math.log(0.25 + 1e-5), 0.0]]))
+    torch.manual_seed(0)
+    theta = random_tps_theta(20000).double()
+    w = theta[:, :-3]
+    small = w.abs() < 0.004  # nearly all N(0, 0.001²) draws, few N(0, 0.01²) ones
+    assert 0.5 < small.double().mean() < 0.7
+    assert w.std() == pytest.approx(math.sqrt((0.001**2 + 0.01**2) / 2), rel=0.02)
+    shift, affine = theta[:, -3], theta[:, -2:]
+    assert shift.std(0).tolist() == pytest.approx([0.1, 0.1], rel=0.03)
+    scale = affine[:, 0].norm(dim=-1)  # rows (cos, -sin)·s
+    rot = torch.atan2(affine[:, 1, 0], affine[:, 0, 0])  # (sin, cos) row: s·sin, s·cos
+    assert (scale - 1).std().item() == pytest.approx(0.1, rel=0.03)
+    assert math.degrees(rot.std().item()) == pytest.approx(5.0, rel=0.03)
+    torch.testing.assert_close(affine[:, 0, 0], affine[:, 1, 1])  # s·cos on the diagonal
+    torch.testing.assert_close(affine[:, 0, 1], -affine[:, 1, 0])
 
 
 def test_pair_warper_mild_then_full() -> None:
