@@ -254,6 +254,23 @@ def test_pair_warper_mild_then_full() -> None:
     assert torch.stack(full_diffs).mean() > 4 * torch.stack(mild_diffs).mean() > 0
 
 
+def test_pair_warper_composes_the_two_warps_in_order() -> None:
+    """image = crop(warp_1(x)) with the parameters x 0.1; prior_image = crop(warp_2(warp_1(x)))
+    with the full ones, drawn in that order from the generator."""
+    image = torch.rand(3, 24, 24) * 255
+    warper = TPSPairWarper(24, 2, n_ctrl=4)
+    x, x_prior = warper(image, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    mild = dict(sd_all=1e-4, sd_subset=1e-3, trans_sd=0.01, scale_sd=0.01, rot_sd=0.5)
+    theta_1 = random_tps_theta(1, 4, **mild, generator=g)
+    theta_2 = random_tps_theta(1, 4, generator=g)
+    design = tps_design_matrix(pixel_lattice(24, 24), control_lattice(4))
+    warped_1 = apply_tps(image[None], theta_1, design)
+    warped_2 = apply_tps(warped_1, theta_2, design)
+    torch.testing.assert_close(x, warped_1[0, :, 2:-2, 2:-2])
+    torch.testing.assert_close(x_prior, warped_2[0, :, 2:-2, 2:-2])
+
+
 # ------------------------------------------------------------------------- batch contract
 def test_train_batches_are_pairs_and_the_rest_are_plain(
     celeba_root: Path, monkeypatch: pytest.MonkeyPatch
@@ -287,14 +304,19 @@ def test_landmark_loader_rejects_other_splits(celeba_root: Path) -> None:
 
 # ------------------------------------------------------------------- keypoint regression
 def test_regression_error_matches_a_hand_computed_value() -> None:
-    """Train: features e1 -> landmarks A, e2 -> 0, so W = [A; 0]; test feature 0.5·e1
-    predicts A / 2 for truth A. Per-point errors |A_l| / 2 = 0, 5, 4, 5, 2 (mean 3.2) over the
-    inter-ocular distance 10: 32 %."""
+    """Train: features e1 -> landmarks A, e2 -> 0, so W = [A; 0]. Test image 1: feature 0.5·e1
+    predicts A / 2 for truth A: per-point errors |A_l| / 2 = 0, 5, 4, 5, 2 (mean 3.2) over its
+    inter-ocular distance 10 = 32 %. Test image 2: feature 2·e1 predicts 2A exactly: 0 %.
+    The error is the mean of the per-image ratios: 16 %."""
     a = np.array([[0, 0], [10, 0], [0, 8], [6, 8], [0, 4]], dtype=float)
     feats_train = np.eye(2)
     lm_train = np.stack([a, np.zeros_like(a)])
-    error = landmark_regression_error(feats_train, lm_train, np.array([[0.5, 0.0]]), a[None])
-    assert error == pytest.approx(32.0)
+    feats_test, lm_test = np.array([[0.5, 0.0], [2.0, 0.0]]), np.stack([a, 2 * a])
+    assert landmark_regression_error(feats_train, lm_train, feats_test[:1], lm_test[:1]) == (
+        pytest.approx(32.0)
+    )
+    error = landmark_regression_error(feats_train, lm_train, feats_test, lm_test)
+    assert error == pytest.approx(16.0)
 
 
 class _LinearKeypoints(torch.nn.Module):
