@@ -62,7 +62,8 @@ def test_frames_files_are_checked(tmp_path: Path) -> None:
 
 
 def test_traffic_config_reads_the_original_file(tmp_path: Path) -> None:
-    cfg = compose_config("train", ["experiment=dlp_traffic", f"paths.data_dir={tmp_path}"])
+    overrides = ["data.num_workers=0", "data.pin_memory=false", f"paths.data_dir={tmp_path}"]
+    cfg = compose_config("train", ["experiment=dlp_traffic", *overrides])
     assert cfg.data.path == str(tmp_path / "traffic" / "img128np_fs3.npy")
     write_frames(Path(cfg.data.path), 20)
     dm = instantiate_datamodule(cfg.data)
