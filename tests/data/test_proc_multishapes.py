@@ -51,9 +51,8 @@ def test_real_dlp_data_fail_clearly(tmp_path) -> None:
 
     from latentzoo.data.datasets.errors import DatasetNotFoundError
     from latentzoo.data.multishapes import CelebAMAFLDataModule, CLEVRERFramesDataModule
-    from latentzoo.utils.errors import LatentzooError
 
-    with pytest.raises(LatentzooError, match="not available yet"):
+    with pytest.raises(DatasetNotFoundError, match="img_align_celeba"):
         CelebAMAFLDataModule(root=str(tmp_path)).setup()
     path = tmp_path / "frames.npy"
     with pytest.raises(DatasetNotFoundError, match="frames.npy"):

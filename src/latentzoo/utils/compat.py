@@ -19,14 +19,14 @@ FAMILIES = {
     "factor_sets": "ground-truth factor sets: (x, factor classes)",
     "sequences": "transformation sequences: {frames, k, factors}",
     "latents": "cached first-stage latents: {latent, label}",
-    "multi_object": "multi-object scenes: (x, 0)",
+    "multi_object": "multi-object scenes: (x, 0); faces with TPS prior pairs: {image, prior_image}",
 }
 
 # datamodule class (module.qualname as defined) -> family; subclasses inherit
 DATA_FAMILIES = {
     "latentzoo.data.multishapes.ProcMultiShapesDataModule": "multi_object",
     "latentzoo.data.multishapes.CLEVRERFramesDataModule": "multi_object",
-    "latentzoo.data.multishapes.CelebAMAFLDataModule": "multi_object",
+    "latentzoo.data.celeba_mafl.CelebAMAFLDataModule": "multi_object",
     "latentzoo.data.labelled.LabelledImageDataModule": "labelled_images",
     "latentzoo.data.datasets.proc_digits.ProcDigitsDataModule": "labelled_images",
     "latentzoo.data.images.ImageDataModule": "images",
