@@ -4,6 +4,7 @@ package data (``latentzoo/configs``), and a user's own config folder goes on top
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -41,19 +42,42 @@ def _run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Completed
     return result
 
 
+def _clean_copy(dest: Path) -> Path:
+    """The project's files without build leftovers (a stale ``*.egg-info`` would add files that
+    the packaging config itself does not ship)."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        ignore = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".git")
+        shutil.copytree(ROOT, dest, ignore=ignore)
+        return dest
+    for name in listed:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv (on top of this interpreter's packages) with only the built wheel added;
     returns its bin dir."""
     base = tmp_path_factory.mktemp("wheel")
     dist = base / "dist"
+    source = _clean_copy(base / "source")
     _run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            str(ROOT),
+            str(source),
             "--no-deps",
             "--no-build-isolation",
             "-q",
