@@ -316,3 +316,95 @@ def test_clg_format_and_plain_collect_keep_eval_rows_apart(trained_sweep: Path) 
     rows = {g.values: len(g.completed) for g in plain.groups}
     evaluated = plain.keys.index("evaluated")
     assert sorted(n for v, n in rows.items() if v[evaluated] == "last") == [3, 3]
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["epoch", "step", "train/loss", "val/loss"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def sweep_with_logs(fake_sweep: Path) -> Path:
+    """CSV logs as Lightning's CSVLogger writes them: train/loss at steps 0, 5, 10 (L + 3,
+    L + 1, L for the run's final val/loss L) and val/loss at step 10 in its own row. One run was
+    resumed: version_0 logged a wrong step 10 that version_1 logged again."""
+    for run in sorted(fake_sweep.iterdir()):
+        record = run / "metrics.json"
+        if not record.is_file() or json.loads(record.read_text())["status"] != "completed":
+            continue
+        final = json.loads(record.read_text())["metrics"]["val/loss"]
+        rows = [{"epoch": 0, "step": s, "train/loss": final + d} for s, d in ((0, 3), (5, 1))]
+        rows += [{"epoch": 0, "step": 10, "train/loss": final}, {"step": 10, "val/loss": final}]
+        if run.name == "0":
+            _write_csv(
+                run / "csv/version_0/metrics.csv", [*rows[:2], {"step": 10, "train/loss": 999}]
+            )
+            _write_csv(run / "csv/version_1/metrics.csv", rows[2:])
+        else:
+            _write_csv(run / "csv/version_0/metrics.csv", rows)
+    return fake_sweep
+
+
+def test_plot_metric_vs_swept_key_has_mean_and_seed_std(sweep_with_logs: Path) -> None:
+    from latentzoo.collect_plots import choose_x, metric_figure
+
+    summary = summarize([sweep_with_logs], ignore=["paths.log_dir"])
+    assert choose_x(summary) == "model.beta"
+    axes = metric_figure(summary, "val/loss", "model.beta").axes[0]
+    (bars,) = axes.containers
+    np.testing.assert_allclose(bars.lines[0].get_xydata(), [[1, 11.166666], [4, 21.333333]], 1e-6)
+    segments = bars.lines[2][0].get_segments()  # the vertical error bars: mean ∓ std
+    std1, std4 = np.std([10, 12.5, 11], ddof=1), np.std([20, 23, 21], ddof=1)
+    np.testing.assert_allclose(segments[0][:, 1], [11.166666 - std1, 11.166666 + std1], 1e-6)
+    np.testing.assert_allclose(segments[1][:, 1], [21.333333 - std4, 21.333333 + std4], 1e-6)
+    dots = sorted(axes.collections[-1].get_offsets()[:, 1])  # every seed
+    assert dots == [10, 11, 12.5, 20, 21, 23]
+    assert axes.get_xlabel() == "model.beta" and axes.get_ylabel() == "val/loss"
+    assert "n=3 seeds" in axes.get_legend().get_texts()[0].get_text()
+
+
+def test_plot_training_curves_are_mean_and_std_bands(sweep_with_logs: Path) -> None:
+    from latentzoo.collect_plots import curve_figure
+
+    summary = summarize([sweep_with_logs], ignore=["paths.log_dir"])
+    axes = curve_figure(summary, "train/loss").axes[0]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        "model.beta=1 (n=3)",
+        "model.beta=4 (n=3)",
+    ]
+    for line, band, finals in zip(
+        axes.lines, axes.collections, ([10, 12.5, 11], [20, 23, 21]), strict=True
+    ):
+        mean, std = np.mean(finals), np.std(finals, ddof=1)
+        np.testing.assert_allclose(line.get_xydata(), [[0, mean + 3], [5, mean + 1], [10, mean]])
+        vertices = band.get_paths()[0].vertices
+        at_10 = vertices[np.isclose(vertices[:, 0], 10), 1]
+        np.testing.assert_allclose(sorted(set(np.round(at_10, 9))), [mean - std, mean + std])
+    assert axes.get_xlabel() == "training step" and curve_figure(summary, "val/loss") is None
+
+
+def test_collect_plot_writes_pngs(sweep_with_logs: Path, capsys) -> None:
+    from PIL import Image
+
+    assert main([str(sweep_with_logs), "--ignore", "paths.log_dir", "--plot"]) == 0
+    plots = sweep_with_logs / "collect_plots"
+    written = sorted(str(p.relative_to(plots)) for p in plots.rglob("*.png"))
+    assert written == [
+        "curves/train_loss.png",
+        "disentanglement_mig_vs_model.beta.png",
+        "test_loss_vs_model.beta.png",
+        "train_loss_vs_model.beta.png",
+        "val_loss_vs_model.beta.png",
+    ]
+    for name in written:
+        with Image.open(plots / name) as image:
+            assert image.format == "PNG" and image.size[0] > 400
+    assert "plots (5) in" in capsys.readouterr().out
+    assert main([str(sweep_with_logs), "--plot", "--plot-x", "lr"]) == 2
+    assert "--plot-x lr is not a swept key" in capsys.readouterr().err

@@ -18,7 +18,9 @@ the train task at the end of a run, or with status ``failed`` when it crashed). 
 by the overrides that vary across runs, except ``seed`` and ``--ignore`` keys; per group the
 mean and sample standard deviation (ddof=1) of every selected metric are written to
 ``<out>.csv``, ``<out>.json`` and ``<out>.md`` (default ``<out>`` = ``<sweep>/collect``), one
-row per run to ``<out>_runs.csv``, and the table is printed. Failed or unfinished runs are
+row per run to ``<out>_runs.csv``, and the table is printed. ``--plot`` adds PNGs in
+``<out>_plots/``: each metric against the swept hyper-parameter and the training curves of
+the CSV logs, mean ± std over seeds (:mod:`latentzoo.collect_plots`). Failed or unfinished runs are
 listed, not dropped.
 
 Each run's state is printed next to its metrics: ``finished``, ``failed``, ``interrupted``
@@ -672,9 +674,12 @@ def collect(
     ckpt: str = "last",
     fmt: str = "table",
     runner: EvalRunner = run_eval,
+    plot: bool = False,
+    plot_x: str | None = None,
 ) -> Summary:
     """Summarise (after evaluating, with ``eval_overrides``), write ``<out>.csv``, ``.json``,
-    ``.md`` and ``<out>_runs.csv`` (``fmt="clg"``: also ``<out>_clg.md``), print the table."""
+    ``.md`` and ``<out>_runs.csv`` (``fmt="clg"``: also ``<out>_clg.md``; ``plot``: PNGs in
+    ``<out>_plots/``, see :mod:`latentzoo.collect_plots`), print the table."""
     if fmt not in FORMATS:
         raise LookupError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if eval_overrides is not None:
@@ -697,11 +702,20 @@ def collect(
     if fmt == "clg":
         written.append(prefix.with_name(prefix.name + "_clg.md"))
         written[-1].write_text(summary.clg_markdown(root))
+    plots: list[Path] = []
+    if plot:
+        from latentzoo.collect_plots import write_plots
+
+        plots = write_plots(summary, prefix.with_name(prefix.name + "_plots"), plot_x, metrics)
     if show:
         summary.print(root)
         if fmt == "clg":
             print(summary.clg_markdown(root))
         print(f"wrote {', '.join(str(p) for p in written)}, {prefix}_runs.csv")
+        if plot:
+            print(f"plots ({len(plots)}) in {prefix}_plots/:")
+            for path in plots:
+                print(f"  {path.relative_to(prefix.parent)}")
     return summary
 
 
@@ -752,6 +766,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=FORMATS,
         help="clg: also the CLG-VAE paper's table (percent, its column order) in <out>_clg.md",
     )
+    parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="also write PNGs to <out>_plots/: each metric vs the swept hyper-parameter (mean ± "
+        "std over seeds) and training curves from the CSV logs (mean ± std band per group)",
+    )
+    parser.add_argument(
+        "--plot-x",
+        metavar="KEY",
+        help="the swept key on the x axis (default: the one with most numeric values)",
+    )
     args = parser.parse_args(argv)
     try:
         summary = collect(
@@ -762,6 +787,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             eval_overrides=args.eval,
             ckpt=args.ckpt,
             fmt=args.format,
+            plot=args.plot,
+            plot_x=args.plot_x,
         )
     except (FileNotFoundError, LookupError) as error:
         print(f"error: {error}", file=sys.stderr)

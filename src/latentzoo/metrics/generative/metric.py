@@ -9,6 +9,7 @@ here, never inside a LightningModule (no Inception in checkpoints).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 
 from latentzoo.metrics.generative.extractors import build_feature_extractor, no_tf32
 from latentzoo.metrics.generative.imaging import to_uint8
+from latentzoo.metrics.generative.prd import density_coverage, precision_recall
 from latentzoo.metrics.generative.progress import dist_info
 from latentzoo.metrics.generative.reference import ReferenceStats
 from latentzoo.utils.errors import LatentzooError
@@ -83,8 +85,13 @@ def _all_ranks(features: torch.Tensor) -> torch.Tensor:
 
 
 class GenerativeMetrics:
-    """FID (+ KID) state: one extractor, torchmetrics accumulators, reference statistics (see
-    the module docstring for the DDP reduction)."""
+    """FID (+ KID, + k-NN precision/recall/density/coverage) state: one extractor, torchmetrics
+    accumulators, reference statistics (see the module docstring for the DDP reduction).
+
+    KID and the k-NN metrics (``prd``, see :mod:`~latentzoo.metrics.generative.prd`) use the same
+    features: a uniform sample of at most ``kid_reference_size`` reference features, and the
+    fake features in sample order (the first ``prd_num_samples`` for the k-NN metrics).
+    """
 
     def __init__(
         self,
@@ -96,6 +103,10 @@ class GenerativeMetrics:
         kid_reference_size: int = 10_000,
         device: str | torch.device = "cpu",
         kid_seed: int = 0,
+        prd: bool = False,
+        prd_k: int = 3,
+        dc_k: int = 5,
+        prd_num_samples: int = 10_000,
     ) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
@@ -112,6 +123,7 @@ class GenerativeMetrics:
         self.kid_subset_size = kid_subset_size
         self.kid_reference_size = kid_reference_size
         if kid:
+            warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save all")
             self.kid = KernelInceptionDistance(
                 feature=_Features(d),
                 subsets=kid_subsets,
@@ -120,11 +132,14 @@ class GenerativeMetrics:
                 sync_on_compute=False,  # we gather the fake features ourselves (compute)
             ).to(self.device)
         self.kid_seed = kid_seed
+        self.prd, self.prd_k, self.dc_k, self.prd_num_samples = prd, prd_k, dc_k, prd_num_samples
+        self.keeps_features = kid or prd  # a reference feature sample and the fake features
         # KID keeps a uniform random sample (reservoir) of at most kid_reference_size reference
         # features: the first K of an ordered split (ImageNet sorted by class) would be biased
         self._kid_features: torch.Tensor | None = None
         self._kid_seen = 0
         self._kid_rng = torch.Generator().manual_seed(0)
+        self._fake_features: list[torch.Tensor] = []
         self._fake_index: list[torch.Tensor | None] = []
 
     @torch.no_grad()
@@ -137,9 +152,12 @@ class GenerativeMetrics:
             return self.extractor(to_uint8(images).to(self.device)).double()
 
     def add_real(self, images: torch.Tensor) -> None:
-        feats = self.features(images)
+        self.add_real_features(self.features(images))
+
+    def add_real_features(self, feats: torch.Tensor) -> None:
+        """Reference features (float64 from :meth:`features`)."""
         self.fid.update(feats, real=True)
-        if self.kid is not None:
+        if self.keeps_features:
             self._reservoir(feats.float())
 
     def _reservoir(self, feats: torch.Tensor) -> None:
@@ -159,17 +177,34 @@ class GenerativeMetrics:
     def add_fake(self, images: torch.Tensor, index: range | None = None) -> None:
         """Add generated images; ``index`` (their global sample indices) lets KID put all ranks'
         features in sample order, so its subsets do not depend on the sharding."""
-        feats = self.features(images)
+        self.add_fake_features(self.features(images), index)
+
+    def add_fake_features(self, feats: torch.Tensor, index: range | None = None) -> None:
+        """Generated-image features (float64 from :meth:`features`); see :meth:`add_fake`."""
         self.fid.update(feats, real=False)
-        if self.kid is not None:
-            self.kid.update(feats.float(), real=False)
+        if self.keeps_features:
+            self._fake_features.append(feats.float())
             self._fake_index.append(None if index is None else torch.as_tensor(index))
+
+    def set_fake(self, stats: ReferenceStats) -> None:
+        """Saved statistics as the generated side (single process): mu/sigma for FID, their
+        feature sample (if any) for KID and the k-NN metrics."""
+        mu = torch.as_tensor(stats.mu, dtype=torch.float64, device=self.device)
+        sigma = torch.as_tensor(stats.sigma, dtype=torch.float64, device=self.device)
+        n = stats.count
+        self.fid.fake_features_sum = mu * n
+        self.fid.fake_features_cov_sum = sigma * max(n - 1, 0) + n * torch.outer(mu, mu)
+        self.fid.fake_features_num_samples = torch.tensor(n, device=self.device)
+        self._fake_features, self._fake_index = [], []
+        if self.keeps_features and stats.features is not None:
+            self._fake_features = [torch.as_tensor(stats.features).float().to(self.device)]
+            self._fake_index = [None]
 
     def reset_fake(self) -> None:
         self.fid.reset()  # reset_real_features=False keeps the reference
         if self.kid is not None:
             self.kid.reset()
-        self._fake_index: list[torch.Tensor | None] = []
+        self._fake_features, self._fake_index = [], []
 
     def reference(self, meta: dict[str, Any]) -> ReferenceStats:
         """Reference statistics from the real state (summed over ranks)."""
@@ -182,7 +217,7 @@ class GenerativeMetrics:
         mu = s / n
         sigma = (cov - n * torch.outer(mu, mu)) / (n - 1)
         features = None
-        if self.kid is not None:
+        if self.keeps_features:
             features = self._kid_sample().cpu().numpy()
         return ReferenceStats(mu.cpu().numpy(), sigma.cpu().numpy(), n, meta, features)
 
@@ -207,7 +242,7 @@ class GenerativeMetrics:
         self.fid.real_features_sum = mu * n
         self.fid.real_features_cov_sum = sigma * max(n - 1, 0) + n * torch.outer(mu, mu)
         self.fid.real_features_num_samples = torch.tensor(n, device=self.device)
-        if self.kid is not None:
+        if self.keeps_features:
             self._kid_features, self._kid_seen = None, 0
             if stats.features is not None:
                 feats = torch.as_tensor(stats.features[: self.kid_reference_size])
@@ -215,32 +250,48 @@ class GenerativeMetrics:
                 self._kid_seen = feats.shape[0]
 
     def compute(self) -> dict[str, float]:
-        """FID (and KID) of all ranks' fake images; a collective call under DDP."""
+        """FID (KID, k-NN metrics) of all ranks' fake images; a collective call under DDP."""
         out = {"fid": float(self.fid.compute())}
-        if self.kid is None:
+        if self.keeps_features:
+            fake = self._gathered_fake()
+            n_fake = fake.shape[0]
+            if self.kid is not None:
+                out.update(self._kid(fake))
+            if self.prd:
+                out.update(self._prd(fake))
+        else:
             n_fake = int(self.fid.fake_features_num_samples)
             if dist_info()[1] > 1:
                 total = torch.tensor(n_fake, device=self.device)
                 torch.distributed.all_reduce(total)
                 n_fake = int(total)
-        else:
-            out.update(self._kid())
-            n_fake = self._kid_fake_count
         if n_fake < 2048 and self.extractor_id.startswith("inception"):
             log.warning(f"FID from {n_fake} < 2048 samples: rank-deficient covariance, biased high")
         return out
 
-    def _kid(self) -> dict[str, float]:
-        """KID mean/std over subsets of every rank's fake features against the reference sample;
-        the subsets come from ``kid_seed``, so all ranks (and reruns) agree."""
-        assert self.kid is not None
-        local = list(self.kid.fake_features)
+    def _gathered_fake(self) -> torch.Tensor:
+        """Every rank's fake features in global sample order (when indices were given)."""
         empty = torch.empty(0, self.kid_features_dim, device=self.device)
+        local = self._fake_features
         fake = _all_ranks(torch.cat(local) if local else empty)
         if all(i is not None for i in self._fake_index):  # the same on every rank
             index = torch.cat([torch.empty(0, dtype=torch.long), *self._fake_index])
             fake = fake[_all_ranks(index.to(self.device)).argsort()]
-        self._kid_fake_count = n_fake = fake.shape[0]
+        return fake
+
+    def _reference_sample(self) -> torch.Tensor:
+        if self._kid_features is None or len(self._kid_features) == 0:
+            raise LatentzooError(
+                "KID / precision-recall need reference features, and the reference holds only "
+                "mu and sigma; give images (or statistics saved with features) as the reference"
+            )
+        return self._kid_features
+
+    def _kid(self, fake: torch.Tensor) -> dict[str, float]:
+        """KID mean/std over subsets of every rank's fake features against the reference sample;
+        the subsets come from ``kid_seed``, so all ranks (and reruns) agree."""
+        assert self.kid is not None
+        n_fake = fake.shape[0]
         n_ref = 0 if self._kid_features is None else self._kid_features.shape[0]
         if min(n_fake, n_ref) < self.kid_subset_size:
             raise LatentzooError(
@@ -250,10 +301,22 @@ class GenerativeMetrics:
             )
         self.kid.fake_features, self.kid.real_features = [fake], [self._kid_features]
         try:
-            with torch.random.fork_rng(devices=[]):
+            # the features are set here, not through update(): torchmetrics would warn
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*was called before the ``update`` method")
                 torch.manual_seed(self.kid_seed)
                 mean, std = self.kid.compute()
         finally:
-            self.kid.fake_features = local  # this rank's share again (compute may be repeated)
+            self.kid.fake_features, self.kid.real_features = [], []
             self.kid._computed = None
         return {"kid_mean": float(mean), "kid_std": float(std)}
+
+    def _prd(self, fake: torch.Tensor) -> dict[str, float]:
+        """Precision/recall (k = ``prd_k``) and density/coverage (k = ``dc_k``) of the first
+        ``prd_num_samples`` fake features against the reference sample."""
+        real = self._reference_sample()
+        fake = fake[: self.prd_num_samples]
+        return {
+            **precision_recall(real, fake, self.prd_k),
+            **density_coverage(real, fake, self.dc_k),
+        }

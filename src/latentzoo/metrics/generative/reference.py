@@ -144,7 +144,8 @@ def reference_stats(
     if path.is_file():
         stats = ReferenceStats.load(path)
         stored = {k: v for k, v in stats.meta.items() if k not in ("num_images", "seconds")}
-        if stored == meta:
+        # a cache without a feature sample (written with kid=false) cannot serve KID/k-NN
+        if stored == meta and (stats.features is not None or not metrics.keeps_features):
             log.info(f"FID reference: cache hit {path} ({stats.count} images)")
             return stats
         changed = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
@@ -194,7 +195,7 @@ def read_foreign(metrics: GenerativeMetrics, path: str | Path, batch_size: int) 
             f"FID reference {path} holds {sorted(keys)}; expected mu and sigma (e.g. ADM's "
             "reference batch) or uint8 NHWC images in arr_0"
         )
-    if has_stats and (metrics.kid is None or not has_images):
+    if has_stats and (not metrics.keeps_features or not has_images):
         log.info(f"FID reference: {path} (mu, sigma as given)")
         return ReferenceStats.load(path)
     log.info(f"FID reference: features of the arr_0 images in {path}")
