@@ -50,6 +50,11 @@ class GroundTruthDataModule(L.LightningDataModule):
     validation (dlib, CLG-VAE: train on everything, keep the final weights): there is then no
     val split, and ``val_dataloader`` serves the first ``batch_size`` training images only for
     the image-grid callbacks (run with ``trainer.limit_val_batches=0``, as those experiments do).
+
+    ``prefetch``: with ``num_workers=0``, training batches are rendered/gathered this many
+    batches ahead in a background thread, off the training step's critical path (the same
+    batches in the same order; data.resumable). ``num_workers > 0`` uses worker processes
+    instead (persistent, each ``prefetch_factor`` batches ahead).
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class GroundTruthDataModule(L.LightningDataModule):
         seed: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        prefetch: int = 2,
     ) -> None:
         super().__init__()
         if tuple(image_shape) != tuple(dataset.image_shape):
@@ -80,6 +86,7 @@ class GroundTruthDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.prefetch = int(prefetch)
         self.seed = seed
         order = np.random.default_rng(split_seed).permutation(len(dataset))
         self.splits = {
@@ -120,6 +127,7 @@ class GroundTruthDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            prefetch=self.prefetch,
         )
 
     def val_dataloader(self) -> DataLoader:
