@@ -203,10 +203,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["bare", "train", "train_sync"])
     parser.add_argument("--trainer", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: the step on one core, rendering free to use another; "
+        "on a shared CPU, OpenMP threads spinning for a descheduled peer inflate both loops)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     global TRAINER
     TRAINER = args.trainer
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     load_before = os.getloadavg()
 
@@ -249,7 +258,12 @@ def main() -> None:
         "benchmark": "train_overhead_cpu",
         "target_ratio": 1.03,
         "command": " ".join(["python", *sys.argv]),
-        "config": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats},
+        "config": {
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "threads": args.threads,
+        },
         "machine": {
             "device": torch.cuda.get_device_name() if TRAINER == "gpu" else "cpu",
             "cpu_count": os.cpu_count(),

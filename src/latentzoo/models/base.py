@@ -63,8 +63,8 @@ def compile_mode(value: Any) -> str | None:
 class _CompileOption(type):
     """Metaclass of :class:`LatentModel`: takes the ``compile`` keyword (``model.compile`` in
     every model config) before the model's own ``__init__`` sees it, so every model has the
-    option without each signature repeating it. Uses ``type.__call__`` (not ``super()``) so that
-    ``save_hyperparameters`` collects exactly the model's own arguments, as before."""
+    option without each signature repeating it; ``save_hyperparameters`` still records exactly
+    the model's own arguments (``compile`` is a run setting, like the trainer's precision)."""
 
     def __call__(cls, *args: Any, compile: Any = False, **kwargs: Any) -> Any:  # noqa: A002
         mode = compile_mode(compile)  # a bad value fails before the model is built
