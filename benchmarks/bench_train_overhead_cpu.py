@@ -219,7 +219,19 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     load_before = os.getloadavg()
 
-    results = []
+    results: list[dict[str, Any]] = []
+    report = {
+        "benchmark": "train_overhead_cpu",
+        "target_ratio": 1.03,
+        "command": " ".join(["python", *sys.argv]),
+        "config": {
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "threads": args.threads,
+        },
+        "results": results,
+    }
     for name in args.cases:
         case = CASES[name]
         wall: dict[str, list[float]] = {v: [] for v in args.variants}
@@ -253,33 +265,24 @@ def main() -> None:
         }
         print(f"{name}: ratio to bare (median over repeats) {entry['ratio_to_bare_median']}")
         results.append(entry)
-
-    report = {
-        "benchmark": "train_overhead_cpu",
-        "target_ratio": 1.03,
-        "command": " ".join(["python", *sys.argv]),
-        "config": {
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "threads": args.threads,
-        },
-        "machine": {
-            "device": torch.cuda.get_device_name() if TRAINER == "gpu" else "cpu",
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_avg_before": list(load_before),
-            "load_avg_after": list(os.getloadavg()),
-            "torch": torch.__version__,
-            "lightning": L.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        _write(args.out, report, load_before)  # after each case: a cut-short run keeps its cases
     print(f"wrote {args.out}")
+
+
+def _write(out: Path, report: dict[str, Any], load_before: tuple[float, ...]) -> None:
+    report["machine"] = {
+        "device": torch.cuda.get_device_name() if TRAINER == "gpu" else "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_before": list(load_before),
+        "load_avg_after": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ Items (target of the issue in brackets):
   / ``reduce-overhead`` [target 2: ≤ 1.05× bare];
 - ``train_overhead_gpu``: the real ``train()`` (default datamodule with its prefetch thread,
   default callbacks) vs a bare loop on the same batches, on the GPU [target 2];
+- ``gpu_correctness``: proc_dsprites rendered on the GPU equals the CPU renderer pixel for
+  pixel; compiled β-VAE / FactorVAE steps equal eager (tests, run on the GPU machine);
 - ``host_syncs``: the latent_fm DiT step under ``torch.cuda.set_sync_debug_mode("error")``
   (after the first batch, no step may synchronise) [target 3];
 - ``dit_eager``, ``dit_compile``: DiT-S/2, B/2, L/2, XL/2 bf16 training throughput and MFU
@@ -81,6 +83,22 @@ def items(tag: str) -> dict[str, tuple[list[str], int, Path | None]]:
     }
     return {
         "host_syncs": ([PY, "-c", HOST_SYNC_CHECK], 60, None),
+        "gpu_correctness": (
+            [
+                PY,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/data/test_render_on_device.py",
+                "tests/models/test_compile_option.py",
+                "-k",
+                "cuda or fused or compiled_step_equals",
+            ],
+            150,
+            None,
+        ),
         "vae_eager": ([*VAE, *VAE_STEPS, "--out", str(out["vae_eager"])], 90, out["vae_eager"]),
         "vae_compile": (
             [*VAE, *VAE_STEPS, "--compile", "default", "--out", str(out["vae_compile"])],
@@ -158,6 +176,7 @@ def main() -> None:
     # by priority: if the lease runs out, the later items are the ones to rerun
     order = [
         "host_syncs",
+        "gpu_correctness",
         "dit_eager",
         "dit_compile",
         "vae_eager",
