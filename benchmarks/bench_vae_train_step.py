@@ -21,7 +21,11 @@ Usage::
 
     python benchmarks/bench_vae_train_step.py [--models beta_vae lie_vae] [--batch-size 64]
         [--steps 200] [--warmup 20] [--repeats 3] [--device auto|cpu|cuda]
+        [--compile false|default|reduce-overhead]
         [--out benchmarks/results/vae_train_step.json]
+
+``--compile``: ``model.compile`` for both loops (the bare loop compiles the same networks with
+``nn.Module.compile``), so the ratio stays like for like.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ def bare_seconds_per_step(
     """The same loss and optimizers in a plain loop."""
     device = x.device
     model = model.to(device).train()
+    model.configure_model()  # model.compile: the same networks compiled as under Lightning
     optimizers = model.configure_optimizers()
     optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
 
@@ -109,6 +114,13 @@ def bare_seconds_per_step(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+
+    if model.compile_mode == "reduce-overhead" and device.type == "cuda":
+        eager_step = one_step
+
+        def one_step() -> None:  # a new CUDA-graph generation per step, as LatentModel does
+            torch.compiler.cudagraph_mark_step_begin()
+            eager_step()
 
     for _ in range(warmup):
         one_step()
@@ -199,8 +211,12 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=25, help="trainer.log_every_n_steps")
     parser.add_argument("--variants", action="store_true", help="also time lightning_quiet")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compile", default="false", help="model.compile for both loops")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
+    from latentzoo.models.base import compile_mode
+
+    mode = compile_mode(args.compile)
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -220,6 +236,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for variant in variants:
                 model = copy.deepcopy(initial)
+                model.compile_mode = mode
                 if variant == "bare":
                     seconds, cpu = bare_seconds_per_step(model, x, args.warmup, args.steps)
                 else:
@@ -269,6 +286,7 @@ def main() -> None:
             "repeats": args.repeats,
             "log_every_n_steps": args.log_every,
             "device": str(device),
+            "compile": mode or False,
         },
         "machine": {
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from latentzoo.data.datasets.factors import FactorDataset
 from latentzoo.data.resumable import resumable_loader
+from latentzoo.utils.errors import LatentzooError
 
 
 class FactorSubset(Dataset):
@@ -21,9 +22,12 @@ class FactorSubset(Dataset):
     images of a batch are rendered/gathered in one vectorised call instead of per item.
     """
 
-    def __init__(self, dataset: FactorDataset, indices: np.ndarray) -> None:
+    def __init__(
+        self, dataset: FactorDataset, indices: np.ndarray, factors_only: bool = False
+    ) -> None:
         self.dataset = dataset
         self.indices = np.asarray(indices, dtype=np.int64)
+        self.factors_only = factors_only  # (None, factors): images rendered after transfer
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -31,8 +35,11 @@ class FactorSubset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.dataset[int(self.indices[i])]
 
-    def __getitems__(self, items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dataset.get_batch(self.indices[np.asarray(items, dtype=np.int64)])
+    def __getitems__(self, items: Sequence[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        grid = self.indices[np.asarray(items, dtype=np.int64)]
+        if self.factors_only:
+            return None, torch.from_numpy(self.dataset.factors_of(grid))
+        return self.dataset.get_batch(grid)
 
 
 def _already_batched(batch: Any) -> Any:
@@ -50,6 +57,16 @@ class GroundTruthDataModule(L.LightningDataModule):
     validation (dlib, CLG-VAE: train on everything, keep the final weights): there is then no
     val split, and ``val_dataloader`` serves the first ``batch_size`` training images only for
     the image-grid callbacks (run with ``trainer.limit_val_batches=0``, as those experiments do).
+
+    ``prefetch``: with ``num_workers=0``, training batches are rendered/gathered this many
+    batches ahead in a background thread, off the training step's critical path (the same
+    batches in the same order; data.resumable). ``num_workers > 0`` uses worker processes
+    instead (persistent, each ``prefetch_factor`` batches ahead).
+
+    ``render_on_device`` (procedural sets with ``images_on_device``, e.g. proc_dsprites): the
+    training loader yields only the factor classes; after Lightning moves them to the model's
+    device, ``on_after_batch_transfer`` renders the images there (on a GPU: no host rendering,
+    no image transfer). The same renderer and tables, so the same images as on the CPU.
     """
 
     def __init__(
@@ -63,6 +80,8 @@ class GroundTruthDataModule(L.LightningDataModule):
         seed: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        prefetch: int = 2,
+        render_on_device: bool = False,
     ) -> None:
         super().__init__()
         if tuple(image_shape) != tuple(dataset.image_shape):
@@ -80,6 +99,13 @@ class GroundTruthDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.prefetch = int(prefetch)
+        if render_on_device and not hasattr(dataset, "images_on_device"):
+            raise LatentzooError(
+                f"data.render_on_device=true needs a procedural dataset that renders on the "
+                f"model's device (proc_dsprites); {type(dataset).__name__} cannot: set it false"
+            )
+        self.render_on_device = bool(render_on_device)
         self.seed = seed
         order = np.random.default_rng(split_seed).permutation(len(dataset))
         self.splits = {
@@ -113,14 +139,21 @@ class GroundTruthDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # seeded order and position: resumes exactly (data.resumable)
         return resumable_loader(
-            FactorSubset(self.dataset, self.splits["train"]),
+            FactorSubset(self.dataset, self.splits["train"], factors_only=self.render_on_device),
             self.batch_size,
             collate_fn=_already_batched,
             seed=self.seed,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            prefetch=self.prefetch,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, tuple | list) and len(batch) == 2 and batch[0] is None:
+            factors = batch[1]
+            return self.dataset.images_on_device(factors), factors
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

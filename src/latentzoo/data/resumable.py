@@ -21,13 +21,25 @@ A training loader built by :func:`resumable_loader` is a :class:`ResumableLoader
 Samplers that already yield whole batches (``sequences.TrainSequenceSampler``) implement the
 same ``epoch``/``resume`` protocol (:class:`ResumableSampler`) and use :class:`ResumableLoader`
 directly.
+
+**Prefetch** (``prefetch=n`` with ``num_workers=0``): in-process renderers (proc_dsprites,
+proc_shapes3d, proc_digits, the sequence sets) fetch the next ``n`` batches in a background
+thread while the model trains on the current one, so rendering leaves the critical path without
+worker processes. The thread runs exactly the synchronous pass (same sampler, same fetch), so
+the batches and their order are those of ``prefetch=0``; batches fetched but not yet handed out
+are not counted in ``state_dict`` and are fetched again after a resume. It is used only when the
+fetch draws no random numbers (a dataset declares ``draws_random = False``), because the
+per-batch seeding of :class:`BatchFetch` sets the process-global RNGs, which the training
+thread uses at the same time; otherwise the loader stays synchronous.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import random
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -42,6 +54,7 @@ __all__ = [
     "ResumableSampler",
     "SeededBatch",
     "batch_seed",
+    "draws_random",
     "resumable_loader",
     "run_seed",
     "seeded_rng",
@@ -82,6 +95,18 @@ def seeded_rng(seed: int) -> Iterator[None]:
         random.setstate(py_state)
 
 
+def draws_random(dataset: Any) -> bool:
+    """Whether reading ``dataset`` may draw from the global RNGs: True unless it (or the dataset
+    it wraps, through ``.dataset`` of subsets and batch fetchers) declares ``draws_random = False``.
+    """
+    while dataset is not None:
+        declared = getattr(type(dataset), "draws_random", None)
+        if isinstance(declared, bool):
+            return declared
+        dataset = getattr(dataset, "dataset", None)
+    return True
+
+
 class SeededBatch(list):
     """The indices of one batch, carrying the seed of the batch's randomness."""
 
@@ -100,12 +125,14 @@ class BatchFetch(Dataset):
     def __init__(self, dataset: Dataset, collate_fn: Callable[[Any], Any]) -> None:
         self.dataset = dataset
         self.collate_fn = collate_fn
+        # a dataset that draws no random numbers needs no seeding (and may run in a thread)
+        self.seeded = draws_random(dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, batch: SeededBatch) -> Any:
-        with seeded_rng(batch.seed):
+        with seeded_rng(batch.seed) if self.seeded else contextlib.nullcontext():
             getitems = getattr(self.dataset, "__getitems__", None)
             items = getitems(list(batch)) if getitems else [self.dataset[i] for i in batch]
             return self.collate_fn(items)
@@ -196,22 +223,95 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
+_DONE = object()  # end of a prefetched pass
+
+
+class _Prefetcher:
+    """Runs ``batches`` (an iterator) in a daemon thread, at most ``depth`` batches ahead."""
+
+    def __init__(self, batches: Iterator[Any], depth: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(batches,), name="latentzoo-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, batches: Iterator[Any]) -> None:
+        try:
+            for batch in batches:
+                if not self._put(batch):
+                    return
+            self._put(_DONE)
+        except BaseException as error:  # handed to the training thread, raised there
+            self._put(error)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the thread (a pass left early: max_steps, an exception, a new epoch)."""
+        self._stop.set()
+        self._thread.join()
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader over a :class:`ResumableSampler` (``batch_size=None``) whose position in the
-    epoch is its ``state_dict`` (Lightning saves and restores it with the fit loop)."""
+    epoch is its ``state_dict`` (Lightning saves and restores it with the fit loop).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``prefetch``: batches fetched ahead in a background thread when ``num_workers=0`` and the
+    fetch draws no random numbers (see the module docstring); 0 fetches synchronously.
+    """
+
+    def __init__(self, *args: Any, prefetch: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.sampler, ResumableSampler):
             raise TypeError("ResumableLoader needs a ResumableSampler as its sampler")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 batches, got {prefetch}")
+        self.prefetch = int(prefetch)
         self._position = self.sampler.pass_start()  # (epoch, batches handed out)
 
+    @property
+    def prefetches(self) -> bool:
+        """Whether passes run in a background thread (see ``prefetch``)."""
+        return self.prefetch > 0 and self.num_workers == 0 and not draws_random(self.dataset)
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        # A generator: nothing runs before the first next(). The prefetch thread then reads the
+        # sampler's position while this thread waits for the first batch, so no set_epoch or
+        # load_state_dict can come in between.
         epoch, start = self.sampler.pass_start()
         self._position = (epoch, start)
-        for i, batch in enumerate(super().__iter__(), start=start + 1):
-            self._position = (epoch, i)
-            yield batch
+        batches = super().__iter__()
+        if self.prefetches:
+            batches = iter(_Prefetcher(batches, self.prefetch))
+        try:
+            for i, batch in enumerate(batches, start=start + 1):
+                self._position = (epoch, i)
+                yield batch
+        finally:  # a pass left early stops its prefetch thread now, not at garbage collection
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
     def state_dict(self) -> dict[str, int]:
         epoch, consumed = self._position
@@ -229,13 +329,15 @@ def resumable_loader(
     shuffle: bool = True,
     drop_last: bool = True,
     seed: int | None = None,
+    prefetch: int = 0,
     **loader_kwargs: Any,
 ) -> ResumableLoader:
     """The training loader of ``dataset``: seeded order, seeded per-batch randomness, resumable.
 
     ``collate_fn`` (default: torch's ``default_collate``) receives the batch's list of items
     (or what the dataset's ``__getitems__`` returns) as usual; ``loader_kwargs`` go to the
-    DataLoader (``num_workers``, ``pin_memory``, ``persistent_workers``, ...).
+    DataLoader (``num_workers``, ``pin_memory``, ``persistent_workers``, ...); ``prefetch``
+    batches are fetched ahead in a thread (see :class:`ResumableLoader`).
     """
     from torch.utils.data import default_collate
 
@@ -245,5 +347,6 @@ def resumable_loader(
         sampler=sampler,
         batch_size=None,
         collate_fn=_identity,
+        prefetch=prefetch,
         **loader_kwargs,
     )

@@ -135,6 +135,8 @@ class SequenceDataModule(L.LightningDataModule):
         eval_seed: seed of the fixed validation and test sets (not the run seed, so that every
             run of a sweep is evaluated on the same sequences).
         num_workers, pin_memory: DataLoader settings.
+        prefetch: training batches rendered ahead in a background thread when
+            ``num_workers=0`` (data.resumable; the same batches, in the same order).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class SequenceDataModule(L.LightningDataModule):
         eval_seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool = False,
+        prefetch: int = 2,
     ) -> None:
         super().__init__()
         if tuple(image_shape) != tuple(source.image_shape):
@@ -184,6 +187,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.eval_seed = int(eval_seed)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
+        self.prefetch = int(prefetch)
         self._eval_keys: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ what models read
@@ -231,8 +235,8 @@ class SequenceDataModule(L.LightningDataModule):
         return self._eval_keys[stage]
 
     def _loader(self, sampler: Sampler, steps: int) -> DataLoader:
-        loader = ResumableLoader if isinstance(sampler, ResumableSampler) else DataLoader
-        return loader(
+        resumable = isinstance(sampler, ResumableSampler)
+        return (ResumableLoader if resumable else DataLoader)(
             SequenceBatches(self.source, steps),
             sampler=sampler,
             batch_size=None,  # each sampler element is already a whole batch of keys
@@ -240,6 +244,7 @@ class SequenceDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            **({"prefetch": self.prefetch} if resumable else {}),
         )
 
     def train_dataloader(self) -> DataLoader:

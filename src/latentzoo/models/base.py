@@ -1,8 +1,10 @@
-"""Shared LightningModule plumbing: optimizer/scheduler from config partials, NaN guard."""
+"""Shared LightningModule plumbing: optimizer/scheduler from config partials, NaN guard, the
+``compile`` option (torch.compile of the networks) and fused Adam/AdamW on CUDA."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from latentzoo.utils.checkpoint_io import resume_advice
-from latentzoo.utils.errors import NonFiniteLossError
+from latentzoo.utils.errors import LatentzooError, NonFiniteLossError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -38,13 +40,56 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-class LatentModel(L.LightningModule):
+#: ``model.compile`` values: off, or a ``torch.compile`` mode.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_FUSABLE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def compile_mode(value: Any) -> str | None:
+    """The torch.compile mode of a ``model.compile`` value (false/null: None; true: default)."""
+    if value is None or value is False or value == "false":
+        return None
+    if value is True or value == "true":
+        return "default"
+    if value not in COMPILE_MODES:
+        raise LatentzooError(
+            f"model.compile={value!r} is not an option: use false, "
+            + ", ".join(COMPILE_MODES)
+            + " (torch.compile modes)"
+        )
+    return str(value)
+
+
+class _CompileOption(type):
+    """Metaclass of :class:`LatentModel`: takes the ``compile`` keyword (``model.compile`` in
+    every model config) before the model's own ``__init__`` sees it, so every model has the
+    option without each signature repeating it; ``save_hyperparameters`` still records exactly
+    the model's own arguments (``compile`` is a run setting, like the trainer's precision)."""
+
+    def __call__(cls, *args: Any, compile: Any = False, **kwargs: Any) -> Any:  # noqa: A002
+        mode = compile_mode(compile)  # a bad value fails before the model is built
+        model = type.__call__(cls, *args, **kwargs)
+        model.compile_mode = mode
+        return model
+
+
+class LatentModel(L.LightningModule, metaclass=_CompileOption):
     """Base for latentzoo models.
 
     Subclasses implement ``step(batch, stage) -> dict`` whose ``"loss"`` is optimised and whose
     other entries are logged as ``<stage>/<name>``. Optimizer and scheduler come from Hydra
     partials (``_partial_: true``) so they can be swapped from the command line.
+
+    ``model.compile`` (``false | default | reduce-overhead | max-autotune``, any model):
+    ``torch.compile`` each network of :meth:`compiled_modules` in place (``nn.Module.compile``)
+    when the trainer sets the model up, so parameter names, ``state_dict`` and checkpoints are
+    those of the eager model, DDP wraps the LightningModule as usual, and manual optimisation
+    (FactorVAE, Soft-IntroVAE) is untouched: the networks are compiled, not the step.
+    On CUDA, Adam/AdamW from a config partial are built with ``fused=True`` unless the config
+    says ``fused``/``foreach`` itself (:meth:`make_optimizer`).
     """
+
+    compile_mode: str | None = None  # set by the metaclass from ``compile``
 
     def __init__(
         self,
@@ -125,12 +170,53 @@ class LatentModel(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "test")
 
+    # ------------------------------------------------------------------ compile option
+    def compiled_modules(self) -> dict[str, nn.Module]:
+        """The networks ``model.compile`` compiles: by default every direct child module that
+        has parameters (encoder, decoder, discriminator, backbone, ...). Models narrow it (e.g.
+        to the trained backbone, leaving a frozen first stage eager)."""
+        return {
+            name: child
+            for name, child in self.named_children()
+            if next(child.parameters(), None) is not None
+        }
+
+    def configure_model(self) -> None:
+        """Compile the networks once per process, before any step (Lightning calls this at the
+        start of fit/validate/test, on every rank)."""
+        if self.compile_mode is None or getattr(self, "_compiled", False):
+            return
+        for module in self.compiled_modules().values():
+            module.compile(mode=self.compile_mode)
+        self._compiled = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.compile_mode == "reduce-overhead" and self.device.type == "cuda":
+            # a new CUDA-graph generation per step: outputs of the previous one may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+
+    # ------------------------------------------------------------------ optimizers
+    def make_optimizer(self, factory: OptimizerFactory, params: Any) -> torch.optim.Optimizer:
+        """``factory(params=params)``, with ``fused=True`` for Adam/AdamW on CUDA when the
+        config sets neither ``fused`` nor ``foreach`` (one kernel per step instead of several
+        per parameter group; same update to rounding)."""
+        target = factory.func if isinstance(factory, functools.partial) else factory
+        keywords = factory.keywords if isinstance(factory, functools.partial) else {}
+        if (
+            target in _FUSABLE_OPTIMIZERS
+            and self.device.type == "cuda"
+            and "fused" not in keywords
+            and "foreach" not in keywords
+        ):
+            return factory(params=params, fused=True)
+        return factory(params=params)
+
     def optimizer_params(self) -> Any:
         """What the optimizer trains: all parameters, or param groups (subclasses narrow it)."""
         return self.parameters()
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.optimizer_params())
+        optimizer = self.make_optimizer(self.optimizer_factory, self.optimizer_params())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

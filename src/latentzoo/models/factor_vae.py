@@ -177,8 +177,10 @@ class FactorVAE(BetaVAE):
     # --- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         vae_params = [*self.encoder.parameters(), *self.decoder.parameters()]
-        vae_opt = self.optimizer_factory(params=vae_params)
-        disc_opt = self.discriminator_optimizer_factory(params=self.discriminator.parameters())
+        vae_opt = self.make_optimizer(self.optimizer_factory, vae_params)
+        disc_opt = self.make_optimizer(
+            self.discriminator_optimizer_factory, self.discriminator.parameters()
+        )
         if self.scheduler_factory is None:
             return [vae_opt, disc_opt]
         return [vae_opt, disc_opt], [self.scheduler_factory(optimizer=vae_opt)]

@@ -251,6 +251,11 @@ class LatentFlowMatching(EMACheckpoint, LatentModel):
         # only the velocity net trains; the frozen first stage stays out of the optimizer
         return self.net.parameters()
 
+    def compiled_modules(self) -> dict[str, nn.Module]:
+        # model.compile: the velocity net (DiT / ADM UNet); the frozen first stage is called
+        # through encode/decode, not forward, and the EMA copy only samples
+        return {"net": self.net}
+
     # ------------------------------------------------------------------ EMA and checkpoints
     def on_fit_start(self) -> None:
         if self.ema is not None:

@@ -65,6 +65,9 @@ class FactorDataset(Dataset[tuple[torch.Tensor, torch.Tensor]], abc.ABC):
     factor_sizes: tuple[int, ...] = ()
     #: Image shape (C, H, W).
     image_shape: tuple[int, int, int] = (1, 64, 64)
+    #: Images are a function of the grid cell: reading draws no random numbers, so a loader
+    #: may render batches ahead in a thread (data.resumable, prefetch).
+    draws_random = False
 
     def __init__(self, indices: IndexLike | None = None) -> None:
         """Optionally restrict the dataset to the grid indices ``indices`` (a split/subset)."""

@@ -16,6 +16,7 @@ labelled ``proc_digits``.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -101,6 +102,9 @@ def _hash_uniform(seed: int, index: np.ndarray, stream: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+_CACHE_LOCK = threading.Lock()  # guards the render caches of all ProcDigits (see _from_cache)
+
+
 class ProcDigits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Procedural MNIST stand-in: items ``(image float32 (1, 28, 28) in [0, 1], label int64)``.
 
@@ -116,6 +120,8 @@ class ProcDigits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     image_shape = (1, SIDE, SIDE)
     num_classes = NUM_CLASSES
+    # images are a function of (seed, position): a loader may render ahead in a thread
+    draws_random = False
 
     def __init__(
         self, split: Literal["train", "test"] = "train", seed: int = 0, cache: bool = False
@@ -180,6 +186,11 @@ class ProcDigits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return out.reshape(-1, 1, SIDE, SIDE)
 
     def _from_cache(self, pos: np.ndarray) -> torch.Tensor:
+        # a prefetch thread (train) and the main thread (val, same split) may fill it at once
+        with _CACHE_LOCK:
+            return self._from_cache_locked(pos)
+
+    def _from_cache_locked(self, pos: np.ndarray) -> torch.Tensor:
         if self._cached is None or self._done is None:
             self._cached = torch.empty((self._size, SIDE * SIDE), dtype=torch.uint8)
             self._done = np.zeros(self._size, dtype=bool)
@@ -264,6 +275,7 @@ class ProcDigitsDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         cache: bool = True,
         num_classes: int = NUM_CLASSES,
+        prefetch: int = 2,
     ) -> None:
         super().__init__()
         if tuple(image_shape) != ProcDigits.image_shape:
@@ -279,6 +291,7 @@ class ProcDigitsDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.prefetch = int(prefetch)  # training batches rendered ahead in a thread
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -301,6 +314,7 @@ class ProcDigitsDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            prefetch=self.prefetch,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -140,6 +140,10 @@ class ProcDSprites(FactorDataset):
         # Offset of window pixel (i, j) inside a flattened canvas.
         ii = torch.arange(WINDOW, dtype=torch.int64)
         self._win_flat = (ii[:, None] * CANVAS + ii[None, :]).reshape(1, WINDOW, WINDOW)
+        names = ("inv_scale", "cos", "sin", "inv_unit_u", "inv_unit_v", "win_x0", "win_dx")
+        names += ("win_y0", "win_dy", "win_flat")
+        # per device (the CPU's, and a copy per GPU that images_on_device renders on)
+        self._device_tables = {torch.device("cpu"): {k: getattr(self, f"_{k}") for k in names}}
 
     @staticmethod
     def _window_tables(pos_values: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,26 +167,52 @@ class ProcDSprites(FactorDataset):
         """Render factor classes (N, 6) (or one (6,) vector) as uint8 (N, 1, 64, 64) in {0, 1}."""
         f = self._checked_factors(_as_int64_array(factors, "factors"))
         f = torch.from_numpy(np.ascontiguousarray(f.reshape(-1, self.num_factors)))
+        return self._render(f)
+
+    def images_on_device(self, factors: torch.Tensor) -> torch.Tensor:
+        """Render factor classes (N, 6), an int64 tensor on any device, as float32 images on
+        that device (e.g. a batch of factors already moved to the GPU: no host rendering, no
+        image transfer). The same ops on the same tables as on the CPU."""
+        f = factors.reshape(-1, self.num_factors).long()
+        if f.device.type == "cpu":  # on a GPU the check would be a host sync per batch
+            self._checked_factors(f.numpy())
+        return self._render(f).to(torch.float32)
+
+    def _tables_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if device not in self._device_tables:
+            self._device_tables[device] = {
+                k: v.to(device) for k, v in self._device_tables[torch.device("cpu")].items()
+            }
+        return self._device_tables[device]
+
+    def _render(self, f: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 1, 64, 64) images of factor classes ``f`` (N, 6), on ``f``'s device."""
         n = f.shape[0]
-        out = torch.zeros(n * CANVAS * CANVAS, dtype=torch.uint8)
+        tables = self._tables_on(f.device)
+        out = torch.zeros(n * CANVAS * CANVAS, dtype=torch.uint8, device=f.device)
         for shape_id in range(len(SHAPES)):
             rows = torch.nonzero(f[:, 1] == shape_id).reshape(-1)
             for start in range(0, rows.numel(), CHUNK):
                 sel = rows[start : start + CHUNK]
-                self._render_into(out, sel, f[sel], shape_id)
+                self._render_into(out, sel, f[sel], shape_id, tables)
         return out.reshape(n, 1, CANVAS, CANVAS)
 
     def _render_into(
-        self, out: torch.Tensor, rows: torch.Tensor, f: torch.Tensor, shape_id: int
+        self,
+        out: torch.Tensor,
+        rows: torch.Tensor,
+        f: torch.Tensor,
+        shape_id: int,
+        tables: dict[str, torch.Tensor],
     ) -> None:
         """Render images ``rows`` (all of shape ``shape_id``) into the flat uint8 canvas ``out``."""
         scale_c, orient_c, x_c, y_c = f[:, 2], f[:, 3], f[:, 4], f[:, 5]
-        inv_s = self._inv_scale[scale_c]
-        cos, sin = self._cos[orient_c], self._sin[orient_c]
-        ku = (inv_s * self._inv_unit_u[shape_id])[:, None]
-        kv = (inv_s * self._inv_unit_v[shape_id])[:, None]
-        dx = self._win_dx[x_c]  # (n, S) sub-sample x minus centre x, px
-        dy = self._win_dy[y_c]  # (n, S) sub-sample y minus centre y, px (y down)
+        inv_s = tables["inv_scale"][scale_c]
+        cos, sin = tables["cos"][orient_c], tables["sin"][orient_c]
+        ku = (inv_s * tables["inv_unit_u"][shape_id])[:, None]
+        kv = (inv_s * tables["inv_unit_v"][shape_id])[:, None]
+        dx = tables["win_dx"][x_c]  # (n, S) sub-sample x minus centre x, px
+        dy = tables["win_dy"][y_c]  # (n, S) sub-sample y minus centre y, px (y down)
         # Shape frame (u right, v up): u = (cos dx - sin dy) / unit_u and
         # v = (-sin dx - cos dy) / unit_v, each split into a column part (x only) and a row part
         # (y only) so that only the final broadcast add and the inside test are per sub-sample.
@@ -201,8 +231,8 @@ class ProcDSprites(FactorDataset):
         cnt = cnt[:, 0::2, :] + cnt[:, 1::2, :]
         cnt = cnt[:, :, 0::2] + cnt[:, :, 1::2]
         pixels = (cnt >= 2).view(torch.uint8)
-        base = rows * (CANVAS * CANVAS) + self._win_y0[y_c] * CANVAS + self._win_x0[x_c]
-        out[(base[:, None, None] + self._win_flat).reshape(-1)] = pixels.reshape(-1)
+        base = rows * (CANVAS * CANVAS) + tables["win_y0"][y_c] * CANVAS + tables["win_x0"][x_c]
+        out[(base[:, None, None] + tables["win_flat"]).reshape(-1)] = pixels.reshape(-1)
 
     def __repr__(self) -> str:
         return f"ProcDSprites(size={self.size!r}, len={len(self)})"

@@ -582,6 +582,10 @@ class SequenceBatches(Dataset[dict[str, torch.Tensor]]):
     worker renders one batch per call, so nothing about k lives in the workers.
     """
 
+    # sequences are rendered from their keys alone (the sampler draws the keys), so a loader may
+    # render batches ahead in a thread (data.resumable, prefetch)
+    draws_random = False
+
     def __init__(self, source: SequenceDataset, steps: int) -> None:
         self.source = source
         self.steps = int(steps)
