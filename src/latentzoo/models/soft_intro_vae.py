@@ -232,8 +232,8 @@ class SoftIntroVAE(GaussianVAEMixin, LatentModel):
 
     # --- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        opt_e = self.optimizer_factory(params=self.encoder.parameters())
-        opt_d = self.decoder_optimizer_factory(params=self.decoder.parameters())
+        opt_e = self.make_optimizer(self.optimizer_factory, self.encoder.parameters())
+        opt_d = self.make_optimizer(self.decoder_optimizer_factory, self.decoder.parameters())
         if self.scheduler_factory is None:
             return [opt_e, opt_d]
         return [opt_e, opt_d], [self.scheduler_factory(optimizer=o) for o in (opt_e, opt_d)]
