@@ -75,6 +75,12 @@ class Choice:
 
 Rule = Range | Choice
 
+
+def describe(rule: Rule) -> str:
+    """``a number >= 1`` / ``one of a, b``: the rule as the message states it."""
+    return f"a number {rule}" if isinstance(rule, Range) else str(rule)
+
+
 POSITIVE = Range(low=0, low_open=True)
 NON_NEGATIVE = Range(low=0)
 AT_LEAST_1 = Range(low=1)
@@ -319,9 +325,8 @@ def check_target_node(node: DictConfig, path: str) -> None:
             listed = isinstance(value, ListConfig | list | tuple)
             what = f"each entry of {full_key}" if listed else full_key
             raise LatentzooError(
-                f"{what} must be {rule}, got {_show(value)}; "
-                f"set {full_key}=... to {'a value ' if isinstance(rule, Range) else ''}{rule}"
-                f"{example}"
+                f"{what} must be {describe(rule)}, got {_show(value)}; "
+                f"set {full_key}=... to {describe(rule)}{example}"
             )
 
 
@@ -357,7 +362,7 @@ def check_loggers(loggers: Any) -> None:
         )
 
 
-def check_accelerator(trainer: Any) -> None:
+def check_accelerator(trainer: Any, key: str = "trainer.accelerator") -> None:
     """``trainer=gpu`` (or ``devices=N``) on a machine without that many GPUs."""
     if not isinstance(trainer, DictConfig):
         return
@@ -369,9 +374,13 @@ def check_accelerator(trainer: Any) -> None:
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if available == 0:
         raise LatentzooError(
-            f"trainer.accelerator={accelerator} needs a CUDA GPU, but torch sees none "
-            f"(torch {torch.__version__}, cuda {torch.version.cuda}); use trainer=cpu, or "
-            "trainer=default (picks the GPU when there is one)"
+            f"{key}={accelerator} needs a CUDA GPU, but torch sees none "
+            f"(torch {torch.__version__}, cuda {torch.version.cuda}); "
+            + (
+                "use device=cpu or device=auto"
+                if key == "device"
+                else "use trainer=cpu, or trainer=default (picks the GPU when there is one)"
+            )
         )
     devices = trainer.get("devices")
     if isinstance(devices, int) and devices > available:
@@ -379,6 +388,20 @@ def check_accelerator(trainer: Any) -> None:
             f"trainer.devices={devices} but this machine has {available} GPU(s); "
             f"set trainer.devices={available} (or -1 for all)"
         )
+
+
+def check_values(node: DictConfig, rules: Mapping[str, Rule], path: str = "") -> None:
+    """Rules for plain (non-``_target_``) settings, e.g. the top level of an entry config."""
+    for key, rule in rules.items():
+        if key not in node:
+            continue
+        full_key = f"{path}.{key}" if path else key
+        value = _value(node, key, full_key)
+        if value is not None and not rule.holds(value):
+            raise LatentzooError(
+                f"{full_key} must be {describe(rule)}, got {_show(value)}; "
+                f"set {full_key}=... to {describe(rule)}"
+            )
 
 
 def validate_config(cfg: DictConfig, groups: Sequence[str] = GROUPS) -> None:
@@ -391,6 +414,9 @@ def validate_config(cfg: DictConfig, groups: Sequence[str] = GROUPS) -> None:
         check_loggers(cfg.get("logger"))
     if "trainer" in groups:
         check_accelerator(cfg.get("trainer"))
+        device = cfg.get("device")  # entry configs without a trainer (cache_latents)
+        if device in ("cuda", "gpu") and not cfg.get("trainer"):
+            check_accelerator(OmegaConf.create({"accelerator": device}), key="device")
 
 
 def validate_train(cfg: DictConfig) -> None:
