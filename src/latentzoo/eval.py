@@ -36,7 +36,7 @@ from latentzoo.utils.checkpoint import (
 from latentzoo.utils.compat import check_compatible, config_choices, data_family
 from latentzoo.utils.distributed import resolve_batch_size
 from latentzoo.utils.entry import run_hydra_task
-from latentzoo.utils.validation import validate_eval
+from latentzoo.utils.validation import NO_CHECKPOINT, validate_eval
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
@@ -45,7 +45,7 @@ log = RankedLogger(__name__, rank_zero_only=True)
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate the checkpoint at ``cfg.ckpt_path``; return the metrics and built objects."""
     if not cfg.get("ckpt_path"):
-        raise LatentzooError("eval needs a checkpoint: python eval.py ckpt_path=<path/to/.ckpt>")
+        raise LatentzooError(NO_CHECKPOINT)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     saved = checkpoint_config(checkpoint, cfg.ckpt_path)
     check_finite(checkpoint, cfg.ckpt_path)

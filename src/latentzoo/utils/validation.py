@@ -429,7 +429,12 @@ def validate_train(cfg: DictConfig) -> None:
 def validate_eval(cfg: DictConfig) -> None:
     """``eval.py``'s checks before the checkpoint is read. The model comes from the checkpoint:
     ``model=`` only names its type, so only its ``_target_`` counts."""
+    if not cfg.get("ckpt_path"):
+        raise LatentzooError(NO_CHECKPOINT)
     validate_config(cfg, [g for g in GROUPS if g != "model"])
+
+
+NO_CHECKPOINT = "eval needs a checkpoint; add ckpt_path=<path/to/.ckpt> to the command"
 
 
 # entry config -> its checks (the ``task`` of the ValidateConfig Hydra callback)
