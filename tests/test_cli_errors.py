@@ -54,9 +54,16 @@ COMPOSITION_TABLE = {
         "data.test_size must be a number >= 0",
     ),
 }
-MARKS = {"gpu": NO_GPU, "wandb": NO_WANDB}
+# each case starts a Python with torch (~5 s): the default suite keeps one of each kind of
+# check (type, range, missing value, hardware, package, entry point); CI's slow job runs all
+DEFAULT_SUITE = {"batch-abc", "beta-neg", "latents-no-path", "gpu", "wandb", "eval-no-ckpt"}
+MARKS = {"gpu": [NO_GPU], "wandb": [NO_WANDB]}
 COMPOSITION_CASES = [
-    pytest.param(*case, id=name, marks=MARKS.get(name, ()))
+    pytest.param(
+        *case,
+        id=name,
+        marks=MARKS.get(name, []) + ([] if name in DEFAULT_SUITE else [pytest.mark.slow]),
+    )
     for name, case in COMPOSITION_TABLE.items()
 ]
 
@@ -118,8 +125,8 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     ("overrides", "cause"),
     [
         (["batch_size=0"], "batch_size must be a number >= 1"),
-        (["split=dev"], "split must be one of train, val, test"),
-        (["data.batch_size=abc"], "data.batch_size must be"),
+        pytest.param(["split=dev"], "split must be one of", marks=pytest.mark.slow),
+        pytest.param(["data.batch_size=abc"], "data.batch_size must be", marks=pytest.mark.slow),
     ],
     ids=["batch-0", "split", "data-value"],
 )
