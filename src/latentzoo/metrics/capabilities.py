@@ -17,10 +17,11 @@ def require_capabilities(model: object, capabilities: Iterable[str], metric: str
     missing = [name for name in capabilities if not callable(getattr(model, name, None))]
     if missing:
         notes = getattr(model, "capability_notes", {})
-        why = "".join(f" {name}(): {notes[name]}." for name in missing if name in notes)
+        why = "; ".join(f"{name}(): {notes[name]}" for name in missing if name in notes)
         raise MissingCapabilityError(
             f"metric '{metric}' needs the model to implement {', '.join(missing)}(), which "
-            f"{type(model).__name__} does not.{why} Choose other metrics for this checkpoint."
+            f"{type(model).__name__} does not{f' ({why})' if why else ''}; choose other metrics "
+            "for this checkpoint"
         )
 
 
