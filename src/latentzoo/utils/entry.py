@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from latentzoo.utils.errors import LatentzooError
+
+STARTED = time.time()  # a record older than this process is not this run's
 
 
 def user_error(error: BaseException | None) -> LatentzooError | None:
@@ -46,11 +49,15 @@ def run_hydra_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 
 def record_failure(cfg: DictConfig, cause: LatentzooError) -> None:
-    """Write the run's ``metrics.json`` (status ``failed``) unless the task wrote one."""
+    """Write the run's ``metrics.json`` (status ``failed``) unless the task wrote one in this
+    process (train's record); an older one (a rerun of an eval dir) is replaced."""
     from latentzoo.utils.run_record import FILENAME, RunRecord
 
     output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
-    if not HydraConfig.initialized() or not output_dir or Path(output_dir, FILENAME).exists():
-        return  # outside a Hydra run (called from code), or train's own record is there
+    if not HydraConfig.initialized() or not output_dir:
+        return  # outside a Hydra run (called from code)
+    record = Path(output_dir, FILENAME)
+    if record.exists() and record.stat().st_mtime >= STARTED:
+        return
     with contextlib.suppress(OSError):  # the message is printed either way
         RunRecord(output_dir).write("failed", error=cause)
