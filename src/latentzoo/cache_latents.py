@@ -55,6 +55,13 @@ from latentzoo.utils.atomic import atomic_write, atomic_write_text, remove_stale
 from latentzoo.utils.distributed import instantiate_datamodule
 from latentzoo.utils.entry import run_hydra_task
 from latentzoo.utils.errors import LatentzooError
+from latentzoo.utils.validation import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    Choice,
+    check_values,
+    validate_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -312,11 +319,23 @@ def _encode_task(fabric: Any, cfg: DictConfig) -> dict[str, Any]:
     )
 
 
+CACHE_RULES = {
+    "batch_size": AT_LEAST_1,
+    "shard_size": AT_LEAST_1,
+    "num_workers": NON_NEGATIVE,
+    "limit": AT_LEAST_1,
+    "split": Choice(("train", "val", "test")),
+    "device": Choice(("auto", "cpu", "cuda")),
+}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     if OmegaConf.is_missing(cfg, "out"):
         raise LatentzooError("cache_latents needs an output folder: out=<folder>")
     if cfg.precision not in PRECISIONS:
         raise LatentzooError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_values(cfg, CACHE_RULES)
+    validate_config(cfg)  # data, model/autoencoder, trainer: before anything is encoded
     fabric = make_fabric(cfg)
     return fabric.launch(_encode_task, cfg)
 

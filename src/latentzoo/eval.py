@@ -14,9 +14,9 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from latentzoo.metrics.capabilities import require_capabilities
+from latentzoo.metrics.capabilities import check_metric_set
 from latentzoo.paths import config_dir, setup_project_root
 from latentzoo.utils import (
     LatentzooError,
@@ -33,9 +33,10 @@ from latentzoo.utils.checkpoint import (
     checkpoint_config,
     load_checkpoint,
 )
-from latentzoo.utils.compat import check_compatible, config_choices
+from latentzoo.utils.compat import check_compatible, config_choices, data_family
 from latentzoo.utils.distributed import resolve_batch_size
 from latentzoo.utils.entry import run_hydra_task
+from latentzoo.utils.validation import NO_CHECKPOINT, validate_eval
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
@@ -44,19 +45,20 @@ log = RankedLogger(__name__, rank_zero_only=True)
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate the checkpoint at ``cfg.ckpt_path``; return the metrics and built objects."""
     if not cfg.get("ckpt_path"):
-        raise LatentzooError("eval needs a checkpoint: python eval.py ckpt_path=<path/to/.ckpt>")
+        raise LatentzooError(NO_CHECKPOINT)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     saved = checkpoint_config(checkpoint, cfg.ckpt_path)
     check_finite(checkpoint, cfg.ckpt_path)
-    # another dataset (data=...) must be one the saved model accepts
+    # another dataset (data=...) must be one the saved model accepts, with its image shape
     check_compatible(saved.model, cfg.data if cfg.get("data") else saved.data, config_choices())
+    check_same_inputs(saved, cfg.get("data"), config_choices())
     if cfg.get("model"):
         check_same_model(saved, cfg.model.get("_target_"), cfg.ckpt_path)
         log.info("Using the model config saved in the checkpoint (model= only checks the type)")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    data_cfg = resolve_batch_size(cfg.data if cfg.get("data") else saved.data, world_size=1)
+    data_cfg = resolve_batch_size(eval_data_config(cfg.get("data"), saved.data), world_size=1)
     log.info(f"Instantiating datamodule <{data_cfg._target_}>")
     datamodule: L.LightningDataModule = hydra.utils.instantiate(data_cfg)
     log.info(f"Instantiating model <{saved.model._target_}> from {cfg.ckpt_path}")
@@ -71,18 +73,23 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks=instantiate_callbacks(cfg.get("callbacks")),
         logger=instantiate_loggers(cfg.get("logger")) or False,
     )
+    # every metric set's needs (capabilities, factors, weights) before the test loop runs
+    evaluators = {
+        name: hydra.utils.instantiate(c) for name, c in (cfg.get("metrics") or {}).items()
+    }
+    for name, evaluator in evaluators.items():
+        check_metric_set(evaluator, model, datamodule, name)
+
     metrics: dict[str, float] = {}
     protocols: dict[str, Any] = {}  # per metric set: what its numbers depend on (preset, seeds)
     if cfg.get("test_loop"):
         for results in trainer.test(model, datamodule=datamodule):
             metrics.update({key: float(value) for key, value in results.items()})
 
-    if cfg.get("metrics"):
+    if evaluators:
         start_processes(trainer)
     model.to(trainer.strategy.root_device)  # metrics encode/sample on the eval device
-    for name, metric_cfg in (cfg.get("metrics") or {}).items():
-        evaluator = hydra.utils.instantiate(metric_cfg)
-        require_capabilities(model, getattr(evaluator, "requires", ()), name)
+    for name, evaluator in evaluators.items():
         log.info(f"Computing {name}")
         values = evaluator(model=model, datamodule=datamodule)
         metrics.update({f"{name}/{key}": float(value) for key, value in values.items()})
@@ -123,10 +130,72 @@ def start_processes(trainer: L.Trainer) -> None:
     trainer.strategy.setup_environment()
 
 
+def eval_data_config(data: DictConfig | None, saved: DictConfig) -> DictConfig:
+    """The data to evaluate on: the checkpoint's own, or ``data=...`` with split sizes that fit.
+
+    Eval reads only the test split. On the dataset the checkpoint was trained on, the split
+    settings not given on the command line are the checkpoint's, so its test split is exactly
+    the held-out one. On other factor data the validation split is dropped (``val_size=0``) unless
+    given: ``data=proc_dsprites data.dataset.size=small`` then tests 4,096 of the 4,608 images
+    instead of refusing because validation and test (4,096 each) exceed the grid."""
+    if not data:
+        return saved
+    data = data.copy()
+    given = {o.split("=", 1)[0].lstrip("+~") for o in task_overrides()}
+    free = [key for key in SPLIT_KEYS if key in data and f"data.{key}" not in given]
+    if not free or data_family(str(data.get("_target_"))) != "factor_sets":
+        return data
+    same_dataset = OmegaConf.to_container(data.get("dataset"), resolve=True) == (
+        OmegaConf.to_container(saved.get("dataset"), resolve=True) if saved.get("dataset") else None
+    )
+    with open_dict(data):
+        for key in free:
+            if same_dataset and key in saved:
+                data[key] = saved[key]
+            elif key == "val_size":
+                data[key] = 0
+    log.info(f"eval splits: {', '.join(f'{k}={data[k]}' for k in SPLIT_KEYS if k in data)}")
+    return data
+
+
+SPLIT_KEYS = ("val_size", "test_size", "split_seed")
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this run (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def check_same_inputs(saved: DictConfig, data: DictConfig | None, names: dict) -> None:
+    """``data=...`` whose images have another shape than those the model was trained on."""
+    if not data or "image_shape" not in data or "image_shape" not in saved.data:
+        return
+    new, old = list(data.image_shape), list(saved.data.image_shape)
+    if new != old:
+        raise LatentzooError(
+            f"data={names.get('data') or data._target_} gives images of shape {new}, but the "
+            f"checkpoint's model takes {old}; evaluate on data with {old} images, or leave "
+            "data= out to use the checkpoint's own data"
+        )
+
+
+def checked_evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """The CLI's task: config checks, then ``extras`` (which prints the resolved config), then
+    :func:`evaluate`. ``model=`` only names the checkpoint's model type, so only its
+    ``_target_`` is kept: its other values may refer to a ``data`` that eval does not have."""
+    validate_eval(cfg)
+    if cfg.get("model"):
+        with open_dict(cfg):
+            cfg.model = {"_target_": cfg.model._target_}
+    extras(cfg)
+    return evaluate(cfg)
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval.yaml")
 def _hydra_main(cfg: DictConfig) -> None:
-    extras(cfg)
-    run_hydra_task(evaluate, cfg)
+    run_hydra_task(checked_evaluate, cfg)
 
 
 def main() -> None:

@@ -32,11 +32,11 @@ from latentzoo.utils.checkpoint import (
     load_checkpoint,
 )
 from latentzoo.utils.checkpoint_io import install_atomic_checkpoint_io
-from latentzoo.utils.compat import check_pair
 from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision, strategy_for
 from latentzoo.utils.entry import run_hydra_task
 from latentzoo.utils.resume import checkpoint_to_resume, skip_finished
 from latentzoo.utils.run_record import RunRecord, record_run
+from latentzoo.utils.validation import check_weights_fit, validate_train, weight_shapes
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
@@ -50,15 +50,18 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     Called as ``train(cfg)``: ``record_run`` supplies ``record`` and writes
     ``<output_dir>/metrics.json`` (final metrics, or the error of a failed run).
     """
-    check_pair(cfg)  # also for train(cfg) called from code: before anything is built
+    validate_train(cfg)  # also for train(cfg) called from code: before anything is built
     set_matmul_precision(cfg.get("float32_matmul_precision"))
     if cfg.get("seed") is not None:  # the same initial weights on every rank
         L.seed_everything(cfg.seed, workers=True)
 
     ckpt_path = checkpoint_to_resume(cfg)  # cfg.ckpt_path, or with resume=auto the own last.ckpt
+    saved_shapes: dict[str, tuple[int, ...]] = {}  # of the checkpoint's weights
     if ckpt_path:
         checkpoint = load_checkpoint(ckpt_path)
-        check_same_model(checkpoint_config(checkpoint, ckpt_path), cfg.model._target_, ckpt_path)
+        saved_cfg = checkpoint_config(checkpoint, ckpt_path)
+        check_same_model(saved_cfg, cfg.model._target_, ckpt_path)
+        saved_shapes = weight_shapes(checkpoint.get("state_dict", {}))
         log.info(
             f"Resuming from {ckpt_path}: saved at global step {checkpoint.get('global_step')}, "
             f"epoch {checkpoint.get('epoch')}"
@@ -67,6 +70,8 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
 
     log.info(f"Instantiating model <{cfg.model._target_}>")
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    if ckpt_path:  # e.g. model.latent_dim=6 against a 10-d checkpoint: one line, not fit's
+        check_weights_fit(model, saved_shapes, ckpt_path, saved_cfg.get("model"), cfg.model)
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += [ConfigInCheckpoint(cfg), ResumeReport()]
@@ -124,12 +129,20 @@ def save_final_last(trainer: L.Trainer) -> None:
     callback.last_model_path = str(last)
 
 
+def checked_train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The CLI's task: the config checks before ``extras`` prints the resolved config, then
+    :func:`train` (whose record keeps a failure in a sweep)."""
+    validate_train(cfg)
+    extras(cfg)
+    return train(cfg)
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train.yaml")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    run_hydra_task(check_pair, cfg)  # an unaccepted model/data pair: one line, before any output
-    extras(cfg)
-    metrics, _ = run_hydra_task(train, cfg)
-    return get_metric_value(metrics, cfg.get("optimized_metric"))
+    result = run_hydra_task(checked_train, cfg)
+    if result is None:  # a sweep job refused with a user error: NaN marks a failed trial
+        return float("nan") if cfg.get("optimized_metric") else None
+    return get_metric_value(result[0], cfg.get("optimized_metric"))
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ A dataset's family follows from its datamodule class (the first class of its MRO
 from __future__ import annotations
 
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from latentzoo.utils.errors import LatentzooError
 
@@ -95,13 +95,17 @@ def check_compatible(
     )
 
 
-def config_choices() -> dict:
-    """The config names picked on the command line (``model=``, ``data=``), for messages."""
+def config_choices(cfg: DictConfig | None = None) -> dict:
+    """The config names picked on the command line (``model=``, ``data=``), for messages: from
+    ``cfg.hydra`` when the config has it (Hydra callbacks run before HydraConfig is set)."""
     from hydra.core.hydra_config import HydraConfig
 
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices") if cfg is not None else None
+    if choices is not None:
+        return dict(choices)
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
 def check_pair(cfg: DictConfig) -> None:
     """:func:`check_compatible` on a train config's ``model`` and ``data``."""
-    check_compatible(cfg.model, cfg.data, config_choices())
+    check_compatible(cfg.model, cfg.data, config_choices(cfg))

@@ -104,9 +104,10 @@ class RunRecord:
             record["last_checkpoint"] = error.checkpoint
             record["resume_command"] = error.resume_command
         elif error is not None:
-            cause = user_error(error) or error
-            record["error"] = f"{type(cause).__name__}: {cause}"
-            record["traceback"] = "".join(traceback.format_exception(error)[-20:])
+            cause = user_error(error)
+            record["error"] = f"{type(cause or error).__name__}: {cause or error}"
+            if cause is None:  # a bug: where it happened; a user mistake: its message suffices
+                record["traceback"] = "".join(traceback.format_exception(error)[-20:])
             last = last_finite_checkpoint(trainer)
             if last is not None:
                 record["last_checkpoint"] = last[0]
