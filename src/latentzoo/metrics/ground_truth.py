@@ -23,7 +23,7 @@ def factor_dataset_of(datamodule: Any) -> Any:
     if not all(hasattr(dataset, a) for a in ("factor_sizes", "sample_factors", "images_of")):
         raise LatentzooError(
             f"disentanglement metrics need a dataset with ground-truth factors; "
-            f"{type(datamodule).__name__} has none. Evaluate on one that does, e.g. "
+            f"{type(datamodule).__name__} has none; evaluate on one that does, e.g. "
             "data=dsprites, data=shapes3d or data=proc_dsprites."
         )
     return dataset

