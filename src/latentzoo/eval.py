@@ -32,6 +32,7 @@ from latentzoo.utils.checkpoint import (
     check_same_model,
     checkpoint_config,
     load_checkpoint,
+    trusts_checkpoint,
 )
 from latentzoo.utils.compat import check_compatible, config_choices
 from latentzoo.utils.distributed import resolve_batch_size
@@ -45,8 +46,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate the checkpoint at ``cfg.ckpt_path``; return the metrics and built objects."""
     if not cfg.get("ckpt_path"):
         raise LatentzooError("eval needs a checkpoint: python eval.py ckpt_path=<path/to/.ckpt>")
-    checkpoint = load_checkpoint(cfg.ckpt_path)
-    saved = checkpoint_config(checkpoint, cfg.ckpt_path)
+    trust = trusts_checkpoint(cfg)  # else: weights_only load, only allowlisted _target_s
+    checkpoint = load_checkpoint(cfg.ckpt_path, trust=trust)
+    saved = checkpoint_config(checkpoint, cfg.ckpt_path, trust=trust)
     check_finite(checkpoint, cfg.ckpt_path)
     # another dataset (data=...) must be one the saved model accepts
     check_compatible(saved.model, cfg.data if cfg.get("data") else saved.data, config_choices())

@@ -30,6 +30,7 @@ from latentzoo.utils.checkpoint import (
     check_same_model,
     checkpoint_config,
     load_checkpoint,
+    trusts_checkpoint,
 )
 from latentzoo.utils.checkpoint_io import install_atomic_checkpoint_io
 from latentzoo.utils.compat import check_pair
@@ -57,8 +58,10 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
 
     ckpt_path = checkpoint_to_resume(cfg)  # cfg.ckpt_path, or with resume=auto the own last.ckpt
     if ckpt_path:
-        checkpoint = load_checkpoint(ckpt_path)
-        check_same_model(checkpoint_config(checkpoint, ckpt_path), cfg.model._target_, ckpt_path)
+        checkpoint = load_checkpoint(ckpt_path, trust=trusts_checkpoint(cfg))  # weights_only
+        # resume builds this run's own config, never the saved one: no target check needed
+        saved = checkpoint_config(checkpoint, ckpt_path, trust=True)
+        check_same_model(saved, cfg.model._target_, ckpt_path)
         log.info(
             f"Resuming from {ckpt_path}: saved at global step {checkpoint.get('global_step')}, "
             f"epoch {checkpoint.get('epoch')}"
@@ -77,7 +80,8 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     strategy_for(cfg.trainer, model)
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    install_atomic_checkpoint_io(trainer)  # every save: temp file + rename, finite weights only
+    # every save: temp file + rename, finite weights only; every load: weights_only
+    install_atomic_checkpoint_io(trainer, trust=trusts_checkpoint(cfg))
     record.trainer = trainer
 
     # the world size is known now, before any data is read
@@ -90,7 +94,7 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
 
     if cfg.get("train"):
         log.info("Starting training")
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         stop_if_interrupted(trainer)  # SIGINT/SIGTERM: last.ckpt saved; exit with resume command
         save_final_last(trainer)
     train_metrics = dict(trainer.callback_metrics)
@@ -101,7 +105,7 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
         if not best:
             log.warning("No best checkpoint found; testing the current weights")
         log.info(f"Testing {'checkpoint ' + best if best else 'current weights'}")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         test_metrics = dict(trainer.callback_metrics)
 
     final = {**record.logged.metrics, **train_metrics, **test_metrics}
