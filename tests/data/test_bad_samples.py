@@ -254,3 +254,29 @@ def test_tar_error_from_a_remote_shard_names_its_url() -> None:
     assert log.take()[0] == 1
     with pytest.raises(TypeError):  # not a data problem: surfaces unchanged
         OnBadSample(log)(TypeError("a bug"))
+
+
+def test_garbage_nvidia3d_npy_is_not_a_pickle_problem(tmp_path: Path) -> None:
+    from latentzoo.data.datasets.nvidia3d import Falcor3D
+    from tests.data.test_real_datasets import FALCOR_SIZES
+
+    path = tmp_path / "falcor3d_16.npy"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
+    with pytest.raises(DatasetFormatError) as raised:
+        Falcor3D(tmp_path, resolution=16, factor_sizes=FALCOR_SIZES)
+    message = one_line(raised.value)
+    assert str(path) in message and "not a .npy file" in message and "pickle" not in message
+
+
+def test_corrupt_lmdb_image_names_the_key(tmp_path: Path) -> None:
+    from latentzoo.data.lmdb import LMDBImages
+    from tests.data.test_lmdb import encoded, picture, write_lmdb
+
+    good = encoded(picture(0), "PNG")
+    path = write_lmdb(tmp_path / "set.lmdb", {b"0": good, b"1": good[:60]})
+    images = LMDBImages(path, image_size=8)
+    assert images[0][0].shape == (3, 8, 8)
+    with pytest.raises(BadSampleError) as raised:
+        images[1]
+    message = one_line(raised.value)
+    assert str(path) in message and "key b'1'" in message and "truncated" in message
