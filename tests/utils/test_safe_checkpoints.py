@@ -120,6 +120,21 @@ def test_saved_hyper_parameters_load_with_weights_only(tmp_path: Path) -> None:
     assert to_plain(state) is state  # kept as is, with its _metadata
 
 
+def test_atomic_checkpoint_io_saves_plain_and_loads_safely(tmp_path: Path) -> None:
+    from latentzoo.utils.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    checkpoint = minimal(hyper_parameters={"image_shape": OmegaConf.create([1, 8, 8])})
+    io.save_checkpoint(checkpoint, tmp_path / "a.ckpt")
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "a.ckpt") == []
+    assert io.load_checkpoint(tmp_path / "a.ckpt")["hyper_parameters"]["image_shape"] == [1, 8, 8]
+    marker = tmp_path / "pwned.txt"
+    torch.save(minimal(payload=WritesFile(marker)), tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="could run code"):
+        io.load_checkpoint(tmp_path / "evil.ckpt")  # what Lightning's fit(ckpt_path=...) calls
+    assert not marker.exists()
+
+
 def test_old_latentzoo_checkpoint_loads_converted_with_a_notice(tmp_path, caplog) -> None:
     path = tmp_path / "old.ckpt"
     rng = capture_rng()
