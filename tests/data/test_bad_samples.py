@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from pathlib import Path
 
 import lightning as L
@@ -153,11 +154,17 @@ def test_on_bad_sample_must_be_error_or_skip(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- npz / h5 files
 
 
-def test_zlib_corrupt_dsprites_npz_names_the_damage(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["deflate stream", "crc"])
+def test_zlib_corrupt_dsprites_npz_names_the_damage(tmp_path: Path, damage: str) -> None:
     path = write_dsprites(tmp_path)["path"]
     data = bytearray(path.read_bytes())
-    middle = len(data) // 3
-    data[middle : middle + 400] = bytes(range(256)) + bytes(144)
+    if damage == "crc":  # valid deflate, wrong bytes: zipfile's CRC check
+        middle = len(data) // 3
+        data[middle : middle + 400] = bytes(range(256)) + bytes(144)
+    else:  # the first compressed block of imgs.npy: zlib.error
+        name_length, extra_length = struct.unpack("<HH", data[26:30])
+        start = 30 + name_length + extra_length
+        data[start : start + 64] = b"\xff" * 64
     path.write_bytes(bytes(data))
     with pytest.raises(DatasetFormatError) as raised:
         DSprites(tmp_path, factor_sizes=DSPRITES_SIZES)
@@ -223,6 +230,11 @@ def test_webdataset_truncated_shard_and_corrupt_sample_are_named(tmp_path: Path)
         list(image_pipeline(str(truncated), image_size=8, train=False))
     message = one_line(raised.value)
     assert str(truncated) in message and "truncated tar shard" in message
+    # cut at a block boundary (tarfile then just stops early): no end-of-archive blocks
+    whole = tmp_path / "s-0.tar"
+    whole.write_bytes(whole.read_bytes()[: 5 * 512])
+    with pytest.raises(BadSampleError, match="truncated tar shard .no end-of-archive"):
+        list(image_pipeline(str(whole), image_size=8, train=False))
     with pytest.raises(BadSampleError) as raised:
         list(image_pipeline(str(corrupt), image_size=8, train=False))
     message = one_line(raised.value)
