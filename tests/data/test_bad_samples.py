@@ -110,7 +110,7 @@ def test_skip_drops_counts_and_reports_bad_images_per_epoch(tmp_path: Path, capl
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=1,  # its bad samples are not counted twice
     )
     with caplog.at_level(logging.WARNING):
         trainer.fit(model, datamodule=dm)

@@ -90,6 +90,8 @@ class BadSampleReport(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._report(trainer, "val")
+        elif "val" in self.logs:  # the same files come up again in the first real epoch
+            self.logs["val"].take()
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, "test")

@@ -62,7 +62,7 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict[str, A
         raise
     except Exception as error:  # torch raises many types for corrupt files
         raise CheckpointError(
-            f"ckpt_path '{path}' is not a readable PyTorch checkpoint: "
+            f"ckpt_path '{path}' could not be read as a PyTorch checkpoint: "
             f"{describe_unreadable(path, error)}. Point ckpt_path at a .ckpt written by train.py."
         ) from error
 
