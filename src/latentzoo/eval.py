@@ -32,6 +32,7 @@ from latentzoo.utils.checkpoint import (
     check_same_model,
     checkpoint_config,
     load_checkpoint,
+    trusts_checkpoint,
 )
 from latentzoo.utils.compat import check_compatible, config_choices, data_family
 from latentzoo.utils.distributed import resolve_batch_size
@@ -46,8 +47,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate the checkpoint at ``cfg.ckpt_path``; return the metrics and built objects."""
     if not cfg.get("ckpt_path"):
         raise LatentzooError(NO_CHECKPOINT)
-    checkpoint = load_checkpoint(cfg.ckpt_path)
-    saved = checkpoint_config(checkpoint, cfg.ckpt_path)
+    trust = trusts_checkpoint(cfg)  # else: weights_only load, only allowlisted _target_s
+    checkpoint = load_checkpoint(cfg.ckpt_path, trust=trust)
+    saved = checkpoint_config(checkpoint, cfg.ckpt_path, trust=trust)
     check_finite(checkpoint, cfg.ckpt_path)
     # another dataset (data=...) must be one the saved model accepts, with its image shape
     check_compatible(saved.model, cfg.data if cfg.get("data") else saved.data, config_choices())

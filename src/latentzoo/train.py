@@ -30,6 +30,7 @@ from latentzoo.utils.checkpoint import (
     check_same_model,
     checkpoint_config,
     load_checkpoint,
+    trusts_checkpoint,
 )
 from latentzoo.utils.checkpoint_io import install_atomic_checkpoint_io
 from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision, strategy_for
@@ -58,8 +59,9 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     ckpt_path = checkpoint_to_resume(cfg)  # cfg.ckpt_path, or with resume=auto the own last.ckpt
     saved_shapes: dict[str, tuple[int, ...]] = {}  # of the checkpoint's weights
     if ckpt_path:
-        checkpoint = load_checkpoint(ckpt_path)
-        saved_cfg = checkpoint_config(checkpoint, ckpt_path)
+        checkpoint = load_checkpoint(ckpt_path, trust=trusts_checkpoint(cfg))  # weights_only
+        # resume builds this run's own config, never the saved one: no target check needed
+        saved_cfg = checkpoint_config(checkpoint, ckpt_path, trust=True)
         check_same_model(saved_cfg, cfg.model._target_, ckpt_path)
         saved_shapes = weight_shapes(checkpoint.get("state_dict", {}))
         log.info(
@@ -82,7 +84,8 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     strategy_for(cfg.trainer, model)
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    install_atomic_checkpoint_io(trainer)  # every save: temp file + rename, finite weights only
+    # every save: temp file + rename, finite weights only; every load: weights_only
+    install_atomic_checkpoint_io(trainer, trust=trusts_checkpoint(cfg))
     record.trainer = trainer
 
     # the world size is known now, before any data is read
@@ -95,7 +98,7 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
 
     if cfg.get("train"):
         log.info("Starting training")
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         stop_if_interrupted(trainer)  # SIGINT/SIGTERM: last.ckpt saved; exit with resume command
         save_final_last(trainer)
     train_metrics = dict(trainer.callback_metrics)
@@ -106,7 +109,7 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
         if not best:
             log.warning("No best checkpoint found; testing the current weights")
         log.info(f"Testing {'checkpoint ' + best if best else 'current weights'}")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         test_metrics = dict(trainer.callback_metrics)
 
     final = {**record.logged.metrics, **train_metrics, **test_metrics}

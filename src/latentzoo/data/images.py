@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from latentzoo.data.bad_samples import BadSampleLog, attach_report, check_mode
 from latentzoo.data.datasets.errors import DatasetNotFoundError
 from latentzoo.data.datasets.image_folder import ImageFolder, class_labels, list_images
 from latentzoo.data.datasets.proc_blobs import ProcBlobs
@@ -59,7 +60,9 @@ class ImageDataModule(L.LightningDataModule):
 
     ``batch_size`` is per device (train.py derives it from ``data.global_batch_size``);
     ``seed`` seeds the training order and flips (None: the run seed, so a seed sweep sees
-    different batches).
+    different batches). ``on_bad_sample``: ``error`` stops at a corrupt file, naming it;
+    ``skip`` drops it and reports the count and first paths at the end of each epoch (the
+    datasets that read files use ``self.bad_samples[split]``).
     """
 
     def __init__(
@@ -72,9 +75,14 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         flip: bool = True,
         seed: int | None = None,
+        on_bad_sample: str = "error",
     ) -> None:
         super().__init__()
         self.name = name
+        self.on_bad_sample = check_mode(on_bad_sample)
+        self.bad_samples: dict[str, BadSampleLog] = {}
+        if self.on_bad_sample == "skip":
+            self.bad_samples = {split: BadSampleLog() for split in ("train", "val", "test")}
         self.seed = seed
         self.image_shape = tuple(int(x) for x in image_shape)
         self.num_classes = int(num_classes)
@@ -94,6 +102,8 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:
             self.datasets = self.build()
+        if self.bad_samples:
+            attach_report(self, self.bad_samples)
 
     def _dataset(self, split: str) -> Dataset:
         self.setup()
@@ -269,8 +279,15 @@ class ImageFolderDataModule(ImageDataModule):
             raise self._missing(path, reason="no image files in it")
         return files
 
-    def _folder(self, files: list[Path], labels: list[int] | None) -> ImageFolder:
-        return ImageFolder(files, labels, self.image_size, self.resize, self.interpolation)
+    def _folder(self, files: list[Path], labels: list[int] | None, split: str) -> ImageFolder:
+        return ImageFolder(
+            files,
+            labels,
+            self.image_size,
+            self.resize,
+            self.interpolation,
+            bad_samples=self.bad_samples.get(split),
+        )
 
     def build(self) -> dict[str, Dataset]:
         split_root = self.root / "train"
@@ -322,7 +339,7 @@ class ImageFolderDataModule(ImageDataModule):
         if "test" not in files:
             files["test"], labels["test"] = files["val"], labels["val"]
         log.info(f"{self.name}: " + ", ".join(f"{s} {len(f)}" for s, f in files.items()))
-        return {split: self._folder(files[split], labels[split]) for split in files}
+        return {split: self._folder(files[split], labels[split], split) for split in files}
 
     def reference_info(self, split: str = "train") -> dict[str, Any]:
         return {
@@ -422,6 +439,7 @@ class WebDatasetDataModule(ImageDataModule):
             shard_shuffle=self.shard_shuffle,
             seed=self.seed,
             label_key=self.label_key,
+            bad_samples=self.bad_samples.get(split),
         )
         return pipeline.batched(
             batch_size, collation_fn=ImageCollate(flip=train and self.flip), partial=not train

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from latentzoo.data.datasets.errors import DatasetFormatError, DatasetNotFoundError
-from latentzoo.data.datasets.image_folder import load_image
+from latentzoo.data.datasets.errors import BadSampleError, DatasetFormatError, DatasetNotFoundError
+from latentzoo.data.datasets.image_folder import BAD_IMAGE_ERRORS, describe_bad_image, load_image
 from latentzoo.data.images import ImageDataModule
 from latentzoo.utils.logging import RankedLogger
 
@@ -129,8 +129,14 @@ class LMDBImages(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         key = str(index).encode() if self.keys is None else self.keys[index]
-        image = decode_value(self._txn_get(key))
-        pixels = load_image(image, self.image_size, self.resize, self.interpolation)
+        try:
+            image = decode_value(self._txn_get(key))
+            pixels = load_image(image, self.image_size, self.resize, self.interpolation)
+        except BAD_IMAGE_ERRORS as error:
+            what = describe_bad_image(None, error)
+            raise BadSampleError(
+                f"corrupt sample {self.path} (key {key!r}): {what}; rebuild the LMDB"
+            ) from error
         return pixels, torch.tensor(0, dtype=torch.int64)
 
 

@@ -18,6 +18,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from latentzoo.utils.atomic import atomic_write
 from latentzoo.utils.logging import RankedLogger
+from latentzoo.utils.safe_load import to_plain
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
@@ -54,16 +55,21 @@ def describe_entries(entries: list[str]) -> str:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """:class:`TorchCheckpointIO` whose saves are atomic and refuse non-finite weights.
+    """:class:`TorchCheckpointIO` whose saves are atomic, hold only plain values and refuse
+    non-finite weights, and whose loads run no code from the file.
 
     A checkpoint is written to a temp file next to its target, flushed, fsynced and renamed
     over the target, so a kill at any instant leaves the previous checkpoint intact. One whose
     ``state_dict`` (or ``ema`` entry) holds NaN/inf is not written; a warning names the last
     finite checkpoint instead. Remote (fsspec) paths use Lightning's own writer after the check.
+    Omegaconf containers, numpy values and paths (e.g. in ``hyper_parameters``) are saved as
+    plain values, so the file loads with ``weights_only=True``; local loads go through
+    :func:`~latentzoo.utils.safe_load.read_checkpoint` (``trust``: ``trust_checkpoint=true``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, trust: bool = False) -> None:
         super().__init__()
+        self.trust = trust
         self.last_written: tuple[str, int | None] | None = None  # (path, global step)
         self.refused: list[str] = []
 
@@ -80,6 +86,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{last_finite_sentence(self.last_written)}"
             )
             return
+        checkpoint = to_plain(checkpoint)
         if _is_local_file_protocol(path):
             with atomic_write(Path(path), "wb") as file:
                 torch.save(checkpoint, file)
@@ -87,22 +94,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
         self.last_written = (os.path.abspath(path), checkpoint.get("global_step"))
 
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None):
+        if not _is_local_file_protocol(path):  # remote: Lightning's loader, never unpickling code
+            return super().load_checkpoint(path, weights_only=self.trust is not True)
+        from latentzoo.utils.checkpoint import load_checkpoint
 
-def install_atomic_checkpoint_io(trainer: Any) -> None:
-    """Make ``trainer`` write checkpoints through :class:`AtomicCheckpointIO`.
+        return load_checkpoint(path, trust=self.trust)
+
+
+def install_atomic_checkpoint_io(trainer: Any, trust: bool = False) -> None:
+    """Make ``trainer`` write and read checkpoints through :class:`AtomicCheckpointIO`
+    (``trust``: ``trust_checkpoint=true``, loads pickled objects of a checkpoint you trust).
 
     Replaces Lightning's default :class:`TorchCheckpointIO`; a different, user-chosen
     CheckpointIO is left alone (with a warning)."""
     strategy = trainer.strategy
     current = getattr(strategy, "_checkpoint_io", None)
     if isinstance(current, AtomicCheckpointIO):
+        current.trust = trust
         return
     if current is None or type(current) is TorchCheckpointIO:
-        strategy.checkpoint_io = AtomicCheckpointIO()
+        strategy.checkpoint_io = AtomicCheckpointIO(trust)
         return
     inner = getattr(current, "checkpoint_io", None)  # e.g. AsyncCheckpointIO wraps another one
     if hasattr(current, "checkpoint_io") and (inner is None or type(inner) is TorchCheckpointIO):
-        current.checkpoint_io = AtomicCheckpointIO()
+        current.checkpoint_io = AtomicCheckpointIO(trust)
         return
     log.warning(
         f"{type(current).__name__} writes the checkpoints, not AtomicCheckpointIO: saves may not "

@@ -22,6 +22,7 @@ workers share the array's pages copy-on-write; nothing is copied per worker (d).
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from latentzoo.data.datasets.download import download_url
-from latentzoo.data.datasets.errors import DatasetFormatError, DatasetNotFoundError
+from latentzoo.data.datasets.errors import DatasetFormatError, DatasetNotFoundError, file_start
 from latentzoo.data.datasets.factors import FactorDataset, IndexLike, _as_int64_array
 
 __all__ = ["DSprites"]
@@ -100,13 +101,11 @@ class DSprites(FactorDataset):
                 imgs = np.asarray(npz["imgs"])
                 classes = np.asarray(npz["latents_classes"])
                 values = np.asarray(npz["latents_values"], dtype=np.float64)
-        except (
-            OSError,
-            ValueError,
-            EOFError,
-            zipfile.BadZipFile,
-        ) as error:  # not a zip, truncated, ...
-            raise DatasetFormatError(f"cannot read {self.path} as an npz file: {error}") from error
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise DatasetFormatError(
+                f"cannot read {self.path} as the dSprites npz: {npz_problem(self.path, error)}; "
+                "delete it and download it again (data.dataset.download=true)"
+            ) from error
         n = self.num_grid
         if imgs.ndim != 3 or imgs.shape[1:] != self.image_shape[1:]:
             raise DatasetFormatError(
@@ -157,6 +156,16 @@ class DSprites(FactorDataset):
 
     def __repr__(self) -> str:
         return f"DSprites(root={str(self.root)!r}, len={len(self)}, packed={self.packed})"
+
+
+def npz_problem(path: Path, error: BaseException) -> str:
+    """What is wrong with an npz that failed to load (never numpy's allow_pickle advice: a
+    file that is not a zip archive is simply not an npz)."""
+    if not zipfile.is_zipfile(path):
+        return f"it is not a complete npz (zip) archive ({file_start(path)})"
+    if isinstance(error, zlib.error | zipfile.BadZipFile | EOFError):
+        return f"a compressed array in it is damaged ({type(error).__name__}: {error})"
+    return f"{type(error).__name__}: {error}"
 
 
 def _grid_sizes(

@@ -7,15 +7,31 @@ float in [0, 1] (and flips it for training), so workers move 4x fewer bytes.
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "list_images", "load_image", "preprocess"]
+from latentzoo.data.datasets.errors import BadSampleError, bad_sample, file_start
+
+if TYPE_CHECKING:
+    from latentzoo.data.bad_samples import BadSampleLog
+
+__all__ = [
+    "BAD_IMAGE_ERRORS",
+    "IMAGE_EXTENSIONS",
+    "ImageFolder",
+    "describe_bad_image",
+    "list_images",
+    "load_image",
+    "preprocess",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _FILTERS = {
@@ -25,6 +41,28 @@ _FILTERS = {
     "box": Image.Resampling.BOX,
 }
 RESIZE_MODES = ("center_crop", "adm", "resize", "none")
+
+
+# what PIL raises for a truncated, empty or damaged file (and preprocess for a wrong size)
+BAD_IMAGE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    zlib.error,
+    struct.error,
+    Image.DecompressionBombError,
+)
+MAX_REPLACEMENTS = 16  # on_bad_sample=skip: consecutive bad files tried before giving up
+
+
+def describe_bad_image(path: Path | None, error: BaseException) -> str:
+    """What is wrong with an image that failed to load, in a few words."""
+    if path is not None and path.is_file() and path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image PIL can read" + (f": {file_start(path)}" if path else "")
+    return f"cannot decode it ({type(error).__name__}: {error})"
 
 
 def list_images(root: str | Path) -> list[Path]:
@@ -86,7 +124,11 @@ def load_image(
 
 
 class ImageFolder(Dataset):
-    """A list of image files (+ labels); ``files`` and ``labels`` are fixed at construction."""
+    """A list of image files (+ labels); ``files`` and ``labels`` are fixed at construction.
+
+    A corrupt file raises :class:`BadSampleError` naming it; with a ``bad_samples`` log
+    (``data.on_bad_sample=skip``) it is recorded there and the next good file of the list
+    takes its place, so batches keep their size."""
 
     def __init__(
         self,
@@ -95,8 +137,10 @@ class ImageFolder(Dataset):
         image_size: int,
         resize: str = "center_crop",
         interpolation: str = "bicubic",
+        bad_samples: BadSampleLog | None = None,
     ) -> None:
         self.files = list(files)
+        self.bad_samples = bad_samples
         self.labels = np.zeros(len(self.files), np.int64) if labels is None else np.asarray(labels)
         self.image_size = image_size
         self.resize = resize
@@ -106,8 +150,23 @@ class ImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = load_image(self.files[index], self.image_size, self.resize, self.interpolation)
-        return image, torch.tensor(int(self.labels[index]), dtype=torch.int64)
+        for offset in range(MAX_REPLACEMENTS):
+            i = (index + offset) % len(self.files)
+            path = self.files[i]
+            try:
+                image = load_image(path, self.image_size, self.resize, self.interpolation)
+            except BAD_IMAGE_ERRORS as error:
+                what = describe_bad_image(Path(path), error)
+                if self.bad_samples is None:
+                    raise bad_sample(path, what) from error
+                if offset == 0:  # a bad replacement is counted when its own index comes up
+                    self.bad_samples.add(str(path), what)
+                continue
+            return image, torch.tensor(int(self.labels[i]), dtype=torch.int64)
+        raise BadSampleError(
+            f"{MAX_REPLACEMENTS} bad image files in a row from {self.files[index]} "
+            "(data.on_bad_sample=skip): check the folder"
+        )
 
 
 def class_labels(files: Sequence[Path], root: Path) -> tuple[list[int], list[str]]:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from latentzoo.data.datasets.download import publish_file
 from latentzoo.data.datasets.dsprites import _grid_sizes
-from latentzoo.data.datasets.errors import DatasetFormatError, DatasetNotFoundError
+from latentzoo.data.datasets.errors import DatasetFormatError, DatasetNotFoundError, file_start
 from latentzoo.data.datasets.factors import FactorDataset, IndexLike, _as_int64_array
 from latentzoo.utils.errors import LatentzooError
 
@@ -106,7 +106,13 @@ class NvidiaFactorDataset(FactorDataset):
         try:
             images = np.load(self.path, mmap_mode=None if self.in_memory else "r")
         except (OSError, ValueError) as error:
-            raise DatasetFormatError(f"cannot read {self.path} as a .npy array: {error}") from error
+            with self.path.open("rb") as file:
+                is_npy = file.read(6) == b"\x93NUMPY"
+            # numpy calls any non-.npy file "pickled data": say what it really is instead
+            what = str(error) if is_npy else f"it is not a .npy file ({file_start(self.path)})"
+            raise DatasetFormatError(
+                f"cannot read {self.path} as a .npy array: {what}; re-run prepare"
+            ) from error
         want = (self.num_grid, self.resolution, self.resolution, 3)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != want[1:]:
             raise DatasetFormatError(

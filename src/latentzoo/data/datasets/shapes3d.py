@@ -24,9 +24,10 @@ Two access modes:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from latentzoo.data.datasets.download import download_url, publish_file
 from latentzoo.data.datasets.dsprites import _grid_sizes
-from latentzoo.data.datasets.errors import DatasetFormatError, DatasetNotFoundError
+from latentzoo.data.datasets.errors import DatasetFormatError, DatasetNotFoundError, file_start
 from latentzoo.data.datasets.factors import FactorDataset, IndexLike, _as_int64_array
 
 __all__ = ["Shapes3D"]
@@ -121,10 +122,18 @@ class Shapes3D(FactorDataset):
         try:
             return h5py.File(self.path, "r")
         except OSError as error:
+            problem = h5_problem(self.path, error)
+            raise DatasetFormatError(f"cannot open {self.path}: {problem}") from error
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Name the file and the damage when a read fails (a bad compressed chunk)."""
+        try:
+            yield
+        except OSError as error:
             raise DatasetFormatError(
-                f"cannot open {self.path} as HDF5 ({error}); if another process is still "
-                "writing it, wait for it to finish; on file systems without locking (NFS) set "
-                "HDF5_USE_FILE_LOCKING=FALSE"
+                f"{self.path}: cannot read {what} ({error}): the file is damaged; delete it and "
+                "download it again (data.dataset.download=true)"
             ) from error
 
     def _check_source(self, f: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset]:
@@ -154,7 +163,7 @@ class Shapes3D(FactorDataset):
 
     def _load_labels(self) -> tuple[np.ndarray, ...]:
         """Check that the labels form the full grid (orientation fastest); return the value grid."""
-        with self._open_source() as f:
+        with self._open_source() as f, self._reading("labels"):
             _, labels_ds = self._check_source(f)
             labels = np.asarray(labels_ds[...], dtype=np.float64)
         classes = self.factors_of(np.arange(self.num_grid))
@@ -185,7 +194,8 @@ class Shapes3D(FactorDataset):
             out = np.empty(images.shape, dtype=np.uint8)
             for start in self._blocks(n, f"loading {self.FILENAME}"):
                 sel = np.s_[start : min(n, start + self.read_block)]
-                images.read_direct(out, source_sel=sel, dest_sel=sel)
+                with self._reading(f"images[{sel.start}:{sel.stop}]"):
+                    images.read_direct(out, source_sel=sel, dest_sel=sel)
         return out
 
     def _source_signature(self) -> dict[str, int]:
@@ -232,7 +242,8 @@ class Shapes3D(FactorDataset):
                 )
                 for start in self._blocks(n, f"re-chunking {self.FILENAME}"):
                     sel = np.s_[start : min(n, start + self.read_block)]
-                    out[sel] = images[sel]
+                    with self._reading(f"images[{sel.start}:{sel.stop}]"):
+                        out[sel] = images[sel]
                 dst.attrs.update(self._source_signature())
             publish_file(tmp, self.cache_path)
         finally:
@@ -304,3 +315,20 @@ class Shapes3D(FactorDataset):
     def __repr__(self) -> str:
         mode = "in_memory" if self.in_memory else f"lazy:{self.cache_path}"
         return f"Shapes3D(root={str(self.root)!r}, len={len(self)}, {mode})"
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def h5_problem(path: Path, error: OSError) -> str:
+    """Why an HDF5 file did not open: not HDF5 at all, locked by a writer, or damaged."""
+    with path.open("rb") as file:
+        head = file.read(len(HDF5_SIGNATURE))
+    if head != HDF5_SIGNATURE:  # (the official file has no user block before the signature)
+        return f"it is not an HDF5 file ({file_start(path)}); delete it and download it again"
+    if "lock" in str(error).lower():
+        return (
+            f"{error}; if another process is still writing it, wait for it to finish; on file "
+            "systems without locking (NFS) set HDF5_USE_FILE_LOCKING=FALSE"
+        )
+    return f"the HDF5 file is damaged or truncated ({error}); delete it and download it again"

@@ -9,6 +9,7 @@ opens, or ``pipe:`` commands (``pipe:aws s3 cp s3://bucket/shard-{0000..0099}.ta
 from __future__ import annotations
 
 import io
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 
-from latentzoo.data.datasets.image_folder import load_image
+from latentzoo.data.datasets.errors import BadSampleError, bad_sample
+from latentzoo.data.datasets.image_folder import BAD_IMAGE_ERRORS, describe_bad_image, load_image
 
-__all__ = ["expand_shards", "image_pipeline", "local_shards_missing"]
+__all__ = ["OnBadSample", "expand_shards", "image_pipeline", "local_shards_missing"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -39,12 +41,32 @@ def local_shards_missing(shards: Sequence[str]) -> list[str]:
     """The shards that name local files which do not exist (``pipe:``/remote URLs are skipped)."""
     missing = []
     for shard in shards:
-        if shard.startswith("pipe:") or "://" in shard and not shard.startswith("file://"):
-            continue
-        path = Path(shard.removeprefix("file://"))
-        if not path.is_file():
+        path = _local_path(shard)
+        if path is not None and not path.is_file():
             missing.append(str(path))
     return missing
+
+
+def _local_path(shard: str) -> Path | None:
+    if shard.startswith("pipe:") or "://" in shard and not shard.startswith("file://"):
+        return None
+    return Path(shard.removeprefix("file://"))
+
+
+def shard_problem(path: Path) -> str | None:
+    """Why a local tar shard is cut short, or None. A complete tar ends with two zero 512-byte
+    blocks; Python's tarfile silently stops at a truncated member, so this is checked up front."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if size % 512:
+        return f"truncated tar shard ({size} bytes, not a whole number of 512-byte blocks)"
+    with path.open("rb") as file:
+        file.seek(max(0, size - 1024))
+        tail = file.read()
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        return "truncated tar shard (no end-of-archive blocks)"
+    return None
 
 
 class _Decode:
@@ -69,18 +91,58 @@ class _Decode:
     def __call__(self, sample: dict[str, Any]) -> tuple[Any, ...]:
         key = next((k for k in self.image_keys if k in sample), None)
         if key is None:
-            raise KeyError(
-                f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no image "
-                f"under {self.image_keys}; its keys are {sorted(sample)}"
+            raise bad_sample(
+                f"{sample.get('__url__')} (sample {sample.get('__key__')})",
+                f"no image under {self.image_keys} (its keys: {sorted(sample)}); the shard "
+                "may be cut short or written without images",
             )
-        with Image.open(io.BytesIO(sample[key])) as image:
-            pixels = load_image(image, self.image_size, self.resize, self.interpolation)
+        source = f"{sample.get('__url__')} (sample {sample.get('__key__')}.{key})"
+        try:
+            with Image.open(io.BytesIO(sample[key])) as image:
+                pixels = load_image(image, self.image_size, self.resize, self.interpolation)
+        except BAD_IMAGE_ERRORS as error:
+            raise bad_sample(source, describe_bad_image(None, error)) from error
         label = 0
         if self.label_key and self.label_key in sample:
             raw = sample[self.label_key]
-            label = int(raw.decode() if isinstance(raw, bytes) else raw)
+            try:
+                label = int(raw.decode() if isinstance(raw, bytes) else raw)
+            except (ValueError, UnicodeDecodeError) as error:
+                raise bad_sample(source, f"label .{self.label_key} is not an integer") from error
         label = torch.tensor(label, dtype=torch.int64)
         return (pixels, label, sample["__key__"]) if self.with_keys else (pixels, label)
+
+
+class OnBadSample:
+    """Webdataset handler: a corrupt shard or sample raises :class:`BadSampleError` naming it
+    (``log`` None), or is recorded in ``log`` and skipped (``data.on_bad_sample=skip``; a
+    damaged tar loses the rest of that shard). Picklable for DataLoader workers."""
+
+    def __init__(self, log: Any | None = None) -> None:
+        self.log = log
+
+    def __call__(self, error: Exception) -> bool:
+        if isinstance(error, BadSampleError) and hasattr(error, "source"):
+            failure = error
+        elif isinstance(error, tarfile.TarError | OSError | EOFError):
+            # webdataset appends the shard's url to the args of a tar error
+            strings = [a for a in error.args[1:] if isinstance(a, str)]
+            url = strings[-1] if strings else "a shard"
+            detail = error.args[0] if error.args else error
+            what = (
+                "damaged or truncated tar shard"
+                if isinstance(error, tarfile.TarError)
+                else ("cannot read it")
+            )
+            failure = bad_sample(url, f"{what} ({type(error).__name__}: {detail})")
+        else:  # not a data problem: a bug, let it surface
+            raise error
+        if self.log is None:
+            if failure is error:
+                raise failure
+            raise failure from error
+        self.log.add(failure.source, failure.what)
+        return True
 
 
 def image_pipeline(
@@ -96,6 +158,7 @@ def image_pipeline(
     image_keys: Sequence[str] = IMAGE_KEYS,
     label_key: str | None = "cls",
     with_keys: bool = False,
+    bad_samples: Any | None = None,
 ) -> wds.WebDataset:
     """Pipeline of ``(uint8 image, label)`` (or ``(image, label, __key__)`` with ``with_keys``).
 
@@ -103,17 +166,31 @@ def image_pipeline(
     ``train``: shards and samples are shuffled and the shard list repeats forever (the loader's
     ``with_epoch`` fixes the epoch length, so every rank yields the same number of batches).
     Otherwise one ordered pass over this rank's and worker's shards.
+    ``bad_samples``: a :class:`~latentzoo.data.bad_samples.BadSampleLog` to skip corrupt
+    shards/samples into; None raises :class:`BadSampleError` naming the first one.
     """
     decode = _Decode(image_size, resize, interpolation, image_keys, label_key, with_keys)
+    handler = OnBadSample(bad_samples)
+    shards = []
+    for shard in expand_shards(urls):
+        path = _local_path(shard)
+        problem = shard_problem(path) if path is not None and path.is_file() else None
+        if problem is None:
+            shards.append(shard)
+        elif bad_samples is None:
+            raise bad_sample(shard, problem)
+        else:
+            bad_samples.add(shard, problem)
     dataset = wds.WebDataset(
-        expand_shards(urls),
+        shards,
         shardshuffle=shard_shuffle if train else False,
         repeat=train,
         nodesplitter=wds.split_by_node,
         workersplitter=wds.split_by_worker,
         empty_check=False,  # a worker may get no shard when shards < ranks x workers
         seed=seed,
+        handler=handler,
     )
     if train and shuffle_buffer > 0:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed)
-    return dataset.map(decode)
+    return dataset.map(decode, handler=handler)
