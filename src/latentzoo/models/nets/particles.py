@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentzoo.utils.errors import LatentzooError
+
 
 def conv_block(
     c_in: int,
@@ -206,10 +208,16 @@ class PatchPrior(nn.Module):
     ) -> None:
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image size {image_size} is not a multiple of patch {patch_size}")
+            raise LatentzooError(
+                f"DLP: image size {image_size} is not a multiple of model.patch_size={patch_size}; "
+                "pick a patch size that divides it"
+            )
         self.patch, self.grid = patch_size, image_size // patch_size
         if n_kp_prior > self.grid**2:
-            raise ValueError(f"n_kp_prior={n_kp_prior} > number of patches {self.grid**2}")
+            raise LatentzooError(
+                f"DLP: model.n_kp_prior={n_kp_prior} exceeds the {self.grid**2} patches "
+                f"({image_size} px / patch {patch_size})²; lower it or the patch size"
+            )
         self.n_kp_prior = n_kp_prior
         self.cnn = KeypointCNN(in_ch, channels, n_maps=1, first_kernel=3)
         # DLP's local -> global map: local ±1 are the patch's first/last pixel centres, pixels
