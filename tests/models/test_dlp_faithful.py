@@ -269,3 +269,17 @@ def test_conv_init_and_layers_follow_the_original() -> None:
     glimpse_convs = [m for m in model.obj_decoder.cnn.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [m.out_channels for m in glimpse_convs] == [64, 32, 4]  # 16-px glimpse: 1 stage
     assert math.isfinite(float(model.step(torch.rand(2, 3, 64, 64), "train")["loss"]))
+
+
+def test_object_model_background_features_use_the_glimpse_boxes() -> None:
+    model, x = model_and_image(OBJECT)
+    model.eval()
+    seen = []
+    hook = model.masked_feat.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    out = model(x)
+    hook.remove()
+    heatmaps = model.kp_encoder(x)[2]
+    boxes = box_masks(out["mu"], 2, model.map_size).squeeze(2)  # round(0.25 · 7) = 2 cells
+    expected = (1 - boxes.sum(1, keepdim=True).clamp(0, 1)) * heatmaps
+    torch.testing.assert_close(seen[0], expected.flatten(1))
+    assert 0 < float(boxes.sum(1).clamp(0, 1).mean()) < 1
