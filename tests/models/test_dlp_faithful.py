@@ -43,6 +43,14 @@ def model_and_image(cfg: dict, seed: int = 0) -> tuple[DeepLatentParticles, torc
     return DeepLatentParticles(**cfg), torch.rand(2, 3, 32, 32)
 
 
+def visible_heatmaps(model: DeepLatentParticles) -> None:
+    """At DLP's N(0, 0.01²) init the eval-mode heatmaps are ~1e-10, so any mask of them would
+    pass a tolerance check: give each heatmap channel a distinct offset (1, 2, ...)."""
+    conv = model.kp_encoder.to_heatmaps
+    with torch.no_grad():
+        conv.bias.copy_(torch.arange(1.0, conv.out_channels + 1))
+
+
 def heatmap_conv_grad(model: DeepLatentParticles, loss: torch.Tensor) -> torch.Tensor:
     conv = model.kp_encoder.to_heatmaps
     grad = torch.autograd.grad(loss, conv.weight, allow_unused=True)[0]
@@ -150,6 +158,7 @@ def test_pointnet_maps_use_the_union_foreground_mask() -> None:
 
 def test_model_feeds_the_union_mask_and_detached_bg_heatmaps() -> None:
     model, x = model_and_image(MASKED)
+    visible_heatmaps(model)
     model.eval()
     seen = []
     hook = model.decoder.cnn.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
@@ -273,6 +282,7 @@ def test_conv_init_and_layers_follow_the_original() -> None:
 
 def test_object_model_background_features_use_the_glimpse_boxes() -> None:
     model, x = model_and_image(OBJECT)
+    visible_heatmaps(model)
     model.eval()
     seen = []
     hook = model.masked_feat.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
@@ -281,5 +291,6 @@ def test_object_model_background_features_use_the_glimpse_boxes() -> None:
     heatmaps = model.kp_encoder(x)[2]
     boxes = box_masks(out["mu"], 2, model.map_size).squeeze(2)  # round(0.25 · 7) = 2 cells
     expected = (1 - boxes.sum(1, keepdim=True).clamp(0, 1)) * heatmaps
+    assert heatmaps.abs().min() > 0.5
     torch.testing.assert_close(seen[0], expected.flatten(1))
     assert 0 < float(boxes.sum(1).clamp(0, 1).mean()) < 1
