@@ -2,6 +2,7 @@
 backward + Adam) and of the deterministic forward (``reconstruct``), for the masked model (CelebA
 setting: K = 30, patch 8, 128 px) and the object model (CLEVRER setting: K = 10, patch 16,
 128 px), both with ``rec_loss=mse`` (``--vgg`` adds the perceptual loss; needs the weights).
+The JSON records the accelerator's real name (``torch.cuda.get_device_name``) and the command.
 
 Usage::
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -83,11 +86,12 @@ def main() -> None:
     )
     results = {name: bench(name, args, device) for name in SETTINGS}
     info = {
-        "device": torch.cuda.get_device_name()
+        **vars(args),  # first: its "device" (auto/cpu/cuda) is replaced by the real name below
+        "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or "cpu",
         "torch": torch.__version__,
-        **vars(args),
+        "command": shlex.join([sys.executable, *sys.argv]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": info, "results": results}, indent=2) + "\n")

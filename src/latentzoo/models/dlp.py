@@ -5,7 +5,8 @@ The latent is a set of K foreground particles plus one fixed background particle
 2-D position z_kp ~ N(mu, σ²) and a d-dim appearance feature z_f ~ N(mu_f, σ_f²).
 
 * Prior over positions: image-conditioned. A small CNN proposes one keypoint per patch (spatial
-  softmax); the ``n_kp_prior`` proposals farthest from their patch centre are kept.
+  softmax); the ``n_kp_prior`` proposals farthest from their patch centre are kept. With a dict
+  batch that has ``prior_image`` (CelebA's TPS-warped copy) the prior sees that image.
 * KL over positions: the Chamfer-KL between the unordered posterior and prior sets,
       KL_ij = ½ Σ_dims [σ_i²/σ_p² + (mu_i - p_j)²/σ_p² - 1 + log σ_p² - log σ_i²],
       L_chamfer = mean_b [Σ_j min_i KL_ij + Σ_i min_j KL_ij].
@@ -17,8 +18,16 @@ The latent is a set of K foreground particles plus one fixed background particle
 
     loss = β_rec·L_rec + β_kl·(L_chamfer + kl_balance·L_featKL)
 
+Gradient paths follow the released code: the encoder heatmaps reach the loss only through the
+keypoint means mu. Every other reader of them (the appearance features of the particles and of
+the background, the decoder's background maps, the ``obj_on`` head) takes them detached, the
+PointNet++ sees detached positions, glimpses are cropped at the detached posterior *mean*, and
+the stitching detaches the space already taken.
+
 During the object-model warm-up (epoch < ``warmup_epoch``) only the glimpse reconstruction and
-the KL terms are optimised. ``sample`` is not provided: the prior needs an image.
+the KL terms are optimised; until 5·``warmup_epoch`` (the noisy-mask phase) the transparencies
+are uniform noise and the alphas get Gaussian noise. ``sample`` is not provided: the prior needs
+an image.
 """
 
 from __future__ import annotations
@@ -38,8 +47,11 @@ from latentzoo.models.nets.particles import (
     KeypointEncoder,
     ParticleDecoder,
     PatchPrior,
-    crop_glimpses,
+    box_masks,
+    exclusive_masks,
     gaussian_maps,
+    glimpse_size,
+    init_dlp_weights,
     mlp,
     place_glimpses,
 )
@@ -126,10 +138,11 @@ class DeepLatentParticles(LatentModel):
         anchor_s: float = 0.125,
         enc_channels: tuple[int, ...] = (32, 64, 128, 256),
         prior_channels: tuple[int, ...] = (16, 32, 64),
-        dec_channels: tuple[int, ...] = (256, 128, 64),
+        dec_channels: tuple[int, ...] | None = None,
         knn_k: int = 10,
         use_object_enc: bool = True,
         use_object_dec: bool = False,
+        exclusive_patches: bool = False,
         warmup_epoch: int = 0,
         rec_loss: str = "mse",
         vgg_normalize: bool = False,
@@ -153,27 +166,34 @@ class DeepLatentParticles(LatentModel):
         c, h, w = (int(v) for v in image_shape)
         if h != w:
             raise LatentzooError(f"DLP needs square images, got {h}x{w}")
+        enc_channels = tuple(enc_channels)
         self.k, self.d, self.sigma, self.image_size = n_kp, learned_feature_dim, sigma, h
         self.mask_threshold, self.use_object_dec = mask_threshold, use_object_dec
-        self.warmup_epoch, self.rec_loss = warmup_epoch, rec_loss
+        self.anchor_s, self.warmup_epoch, self.rec_loss = anchor_s, warmup_epoch, rec_loss
         self.beta_rec, self.beta_kl, self.kl_balance = beta_rec, beta_kl, kl_balance
         self.chamfer_include_bg, self.prior_logvar = chamfer_include_bg, prior_logvar
 
         # encoder side (posterior + prior + appearance)
         self.prior = PatchPrior(c, h, patch_size, n_kp_prior, tuple(prior_channels))
-        self.kp_encoder = KeypointEncoder(c, h, n_kp, tuple(enc_channels))
+        self.kp_encoder = KeypointEncoder(c, h, n_kp, enc_channels)
         s = self.map_size = self.kp_encoder.map_size
-        if use_object_dec:  # glimpses of the image, anchor_s of its width
-            self.glimpse = round(anchor_s * (h - 1))
-            self.feat_encoder = GlimpseEncoder(c, self.glimpse, anchor_s, learned_feature_dim)
-        elif use_object_enc:  # glimpses of the detached heatmaps
-            self.glimpse = max(1, round(anchor_s * (s - 1)))
-            self.feat_encoder = GlimpseEncoder(n_kp, self.glimpse, anchor_s, learned_feature_dim)
-        else:  # mask_k ⊙ heatmaps per particle
+        heatmap_dim = n_kp * s * s
+        if use_object_dec:  # glimpses of the image; transparency from the detached heatmaps
+            self.feat_encoder = GlimpseEncoder(
+                c, h, anchor_s, learned_feature_dim, True, False, exclusive_patches
+            )
+            self.obj_on_head = mlp([heatmap_dim, 256, 128, n_kp])
+        elif use_object_enc:  # glimpses of the detached heatmaps, location appended
+            self.feat_encoder = GlimpseEncoder(
+                n_kp, s, anchor_s, learned_feature_dim, False, True, exclusive_patches
+            )
+        else:
             self.feat_encoder = None
-            self.masked_feat = mlp([n_kp * s * s, 256, 128, 2 * learned_feature_dim])
-        self.bg_feat = mlp([n_kp * s * s, 256, 128, 2 * learned_feature_dim])
-        # decoder side
+        # DLP's `object_enc`: an MLP on mask ⊙ detached heatmaps. It encodes the background
+        # particle always, and the foreground particles too when there is no glimpse encoder.
+        self.masked_feat = mlp([heatmap_dim, 256, 128, 2 * learned_feature_dim])
+        # decoder side: DLP derives the CNN decoder widths from the encoder's (reversed)
+        dec_channels = tuple(dec_channels or enc_channels[1:][::-1])
         self.decoder = ParticleDecoder(
             n_kp,
             learned_feature_dim,
@@ -181,11 +201,14 @@ class DeepLatentParticles(LatentModel):
             h,
             c,
             bg_maps=not use_object_dec,
-            channels=tuple(dec_channels),
+            channels=dec_channels,
+            mid_base=enc_channels[0],
             k=knn_k,
         )
         if use_object_dec:
+            self.glimpse = glimpse_size(anchor_s, h)
             self.obj_decoder = GlimpseDecoder(learned_feature_dim, self.glimpse, c)
+        init_dlp_weights(self)  # conv N(0, 0.01²), as the original
         self._vgg: list[VGGPerceptual] = []  # built on first use; kept out of the state dict
 
     # -- parameter groups
@@ -205,9 +228,13 @@ class DeepLatentParticles(LatentModel):
             {"params": [p for p in params if id(p) in dec], "name": "decoder"},
         ]
 
-    # -- forward
+    # -- training phases (object model)
     def _in_warmup(self) -> bool:
         return self.use_object_dec and self._epoch() < self.warmup_epoch
+
+    def _noisy_masks(self) -> bool:
+        """The original's noisy-mask phase: training epochs < 5·warmup_epoch."""
+        return self.use_object_dec and self.training and self._epoch() < 5 * self.warmup_epoch
 
     def _epoch(self) -> int:
         """The training epoch while fitting; outside ``fit`` (test, eval.py, tests) the model is
@@ -218,6 +245,36 @@ class DeepLatentParticles(LatentModel):
         return trainer.current_epoch
 
     _fixed_epoch = 10**9  # outside a Trainer: past any warm-up (tests, eval)
+
+    # -- forward
+    def _features(
+        self, x: torch.Tensor, mu: torch.Tensor, heatmaps: torch.Tensor, fg_masks: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Appearance posteriors of the K + 1 particles and the object model's transparency.
+
+        Returns feat_mu, feat_logvar [B, K+1, d], obj_on (learned) and obj_on_used (uniform
+        noise in the noisy-mask phase, as the original), both [B, K] or None, and the glimpse
+        crops [B, K, C, g, g] (object model) or None."""
+        hm = heatmaps.detach()  # the heatmaps train only through mu
+        obj_on = obj_on_used = crops = None
+        if self.use_object_dec:
+            obj_on = torch.sigmoid(self.obj_on_head(hm.flatten(1)))
+            obj_on_used = torch.rand_like(obj_on) if self._noisy_masks() else obj_on
+            f_mu, f_lv, crops = self.feat_encoder(x, mu.detach(), obj_on_used)
+            # background region: outside every glimpse box on the heatmap grid
+            boxes = box_masks(mu.detach(), glimpse_size(self.anchor_s, self.map_size), hm.shape[-1])
+            bg_mask = 1 - boxes.squeeze(2).sum(1, keepdim=True).clamp(0, 1)
+        else:
+            if self.feat_encoder is not None:
+                f_mu, f_lv, _ = self.feat_encoder(hm, mu.detach())
+            else:
+                masked = fg_masks.unsqueeze(2) * hm.unsqueeze(1)  # [B, K, K, S, S]
+                f_mu, f_lv = self.masked_feat(masked.flatten(2)).chunk(2, -1)
+            bg_mask = 1 - fg_masks.sum(1, keepdim=True).clamp(0, 1)
+        bg_mu, bg_lv = self.masked_feat((bg_mask * hm).flatten(1)).chunk(2, -1)
+        feat_mu = torch.cat([f_mu, bg_mu.unsqueeze(1)], 1)
+        feat_lv = torch.cat([f_lv, bg_lv.unsqueeze(1)], 1)
+        return feat_mu, feat_lv, obj_on, obj_on_used, crops
 
     def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> dict[str, Any]:
         """Everything a step needs. ``deterministic`` (default: not training) uses z_kp = mu."""
@@ -230,21 +287,10 @@ class DeepLatentParticles(LatentModel):
         logvar_all = torch.cat([logvar, logvar.new_full((b, 1, 2), bg_lv)], 1)
 
         gmaps = gaussian_maps(z, self.sigma, self.map_size)  # [B, K, S, S]
-        fg_masks = (gmaps > self.mask_threshold).float()
-        bg_mask = 1 - fg_masks.sum(1, keepdim=True).clamp(0, 1)
+        fg_masks = (gmaps > self.mask_threshold).to(gmaps.dtype)  # binary: no gradient
+        fg_union = fg_masks.sum(1, keepdim=True).clamp(0, 1)
 
-        obj_on = None
-        if self.use_object_dec:
-            f_mu, f_lv, on_logit = self.feat_encoder(x, z.detach())
-            obj_on = torch.sigmoid(on_logit)
-        elif self.feat_encoder is not None:
-            f_mu, f_lv, _ = self.feat_encoder(heatmaps.detach(), z.detach())
-        else:
-            masked = fg_masks.unsqueeze(2) * heatmaps.unsqueeze(1)  # [B, K, K, S, S]
-            f_mu, f_lv = self.masked_feat(masked.flatten(2)).chunk(2, -1)
-        bg_mu, bg_lv_f = self.bg_feat((bg_mask * heatmaps).flatten(1)).chunk(2, -1)
-        feat_mu = torch.cat([f_mu, bg_mu.unsqueeze(1)], 1)  # [B, K+1, d]
-        feat_lv = torch.cat([f_lv, bg_lv_f.unsqueeze(1)], 1)
+        feat_mu, feat_lv, obj_on, obj_on_used, crops = self._features(x, mu, heatmaps, fg_masks)
         feat = reparameterize(feat_mu, feat_lv, not deterministic)
         out = {
             "mu": mu,
@@ -255,39 +301,36 @@ class DeepLatentParticles(LatentModel):
             "feat_mu": feat_mu,
             "feat_logvar": feat_lv,
             "obj_on": obj_on,
+            "obj_on_used": obj_on_used,
+            "crops": crops,
         }
         pos_all = torch.cat([z, mu.new_zeros(b, 1, 2)], 1)
         if not self.use_object_dec:
-            out["rec"] = self.decoder(pos_all, feat, gmaps, fg_masks, bg_mask, heatmaps)
+            bg_heatmaps = (1 - fg_union) * heatmaps.detach()
+            out["rec"] = self.decoder(pos_all, feat, gmaps, fg_union, bg_heatmaps)
             return out
         # object model: glimpses (alpha, RGB) stitched over the CNN background
         glimpses = self.obj_decoder(feat[:, : self.k].reshape(b * self.k, self.d))
         out["glimpses"] = glimpses.view(b, self.k, *glimpses.shape[1:])
         if self._in_warmup():
-            out["rec"] = torch.zeros_like(x)  # DLP: the full-image output is zero in warm-up
-            return out
-        feat_bg = torch.cat([feat[:, : self.k].detach(), feat[:, self.k :]], 1)
-        bg = self.decoder(pos_all, feat_bg, gmaps, fg_masks, bg_mask, heatmaps)
+            bg = torch.zeros_like(x)  # DLP: no background decoder in the warm-up
+        else:  # the background's PointNet sees the foreground features detached
+            feat_bg = torch.cat([feat[:, : self.k].detach(), feat[:, self.k :]], 1)
+            bg = self.decoder(pos_all, feat_bg, gmaps)
         # placed at z (not detached): the affine grid passes gradients to the positions
-        placed = place_glimpses(glimpses, z, self.hparams.anchor_s, self.image_size)
-        alpha = placed[:, :, :1] * obj_on[..., None, None, None]  # [B, K, 1, H, W]
-        if self.training and self._epoch() < 5 * self.warmup_epoch:  # noisy masks
-            noise = self.sigma * torch.randn_like(alpha) * (alpha > 0.1)
-            alpha = (alpha + noise).clamp(0, 1)
-        masks = []
-        taken = torch.zeros_like(alpha[:, 0])
-        for k in range(self.k):  # effective masks: each particle gets what is left
-            m = torch.minimum(1 - taken, alpha[:, k])
-            masks.append(m)
-            taken = taken + m
-        masks_t = torch.stack(masks, 1)
-        out["objects"] = (masks_t * placed[:, :, 1:]).sum(1)
-        out["masks"] = masks_t
-        out["rec"] = (1 - taken) * bg + out["objects"]
+        placed = place_glimpses(glimpses, z, self.image_size).clamp(0, 1)
+        alpha, rgb = placed[:, :, :1], placed[:, :, 1:]  # [B, K, 1 | C, H, W]
+        if self._noisy_masks():
+            alpha = alpha + self.sigma * torch.randn_like(alpha) * (alpha > 0.1)
+        masks = exclusive_masks(obj_on_used[..., None, None, None] * alpha)
+        out["objects"] = (masks * rgb).sum(1)
+        out["masks"] = masks
+        out["rec"] = (1 - masks.sum(1).clamp(0, 1)) * bg + out["objects"]
         return out
 
     # -- loss
     def _rec_loss(self, rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Σ of squared errors per image (+ VGG perceptual), mean over the batch."""
         loss = (rec - x).pow(2).flatten(1).sum(1)
         if self.rec_loss == "vgg":
             if not self._vgg:  # frozen ImageNet weights: a download, not part of checkpoints
@@ -298,10 +341,24 @@ class DeepLatentParticles(LatentModel):
             loss = loss + vgg(rec, x)
         return loss.mean()
 
-    def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _images(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, the prior's image): a dict batch may carry ``prior_image`` (CelebA's TPS-warped
+        pair, as the original's ``use_pairs``); otherwise the prior sees x."""
+        if isinstance(batch, dict):
+            if "image" not in batch:
+                raise LatentzooError(
+                    f"DLP: a dict batch needs an 'image' key (got {sorted(batch)}); "
+                    "check the datamodule's output"
+                )
+            return batch["image"], batch.get("prior_image", batch["image"])
         x = batch[0] if isinstance(batch, list | tuple) else batch
+        return x, x
+
+    def step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
+        x, x_prior = self._images(batch)
         out = self(x, deterministic=stage != "train")
-        prior = self.prior(x)
+        prior = self.prior(x_prior)
         mu, logvar = (
             (out["mu_all"], out["logvar_all"])
             if self.chamfer_include_bg
@@ -309,11 +366,10 @@ class DeepLatentParticles(LatentModel):
         )
         kl_kp = chamfer_kl(mu, logvar, prior, self.prior_logvar)
         kl_feat = gaussian_kl(out["feat_mu"], out["feat_logvar"]).sum((1, 2)).mean()
-        if self._in_warmup():  # glimpse reconstruction: input crops vs decoded RGB
-            b = x.shape[0]
-            crops = crop_glimpses(x, out["z"].detach(), self.hparams.anchor_s, self.glimpse)
-            rgb = out["glimpses"][:, :, 1:].reshape(b * self.k, *crops.shape[1:])
-            rec_loss = self._rec_loss(rgb, crops) * self.k  # per image: summed over glimpses
+        if self._in_warmup():  # glimpse reconstruction: masked input crops vs decoded RGB
+            crops = out["crops"].flatten(0, 1)
+            rgb = out["glimpses"][:, :, 1:].flatten(0, 1)
+            rec_loss = self._rec_loss(rgb, crops)  # mean over all B·K glimpses, as DLP
         else:
             rec_loss = self._rec_loss(out["rec"], x)
         loss = self.beta_rec * rec_loss + self.beta_kl * (kl_kp + self.kl_balance * kl_feat)
