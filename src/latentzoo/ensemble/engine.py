@@ -17,8 +17,9 @@ optimizer step for all.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -48,6 +49,25 @@ class _StepClock:
 
     def __init__(self) -> None:
         self.global_step = 0
+
+
+def varied_attributes(models: list[nn.Module]) -> dict[str, list[float]]:
+    """The scalar hyper-parameters (loss weights: β, γ, capacity, ...) that differ between
+    members; the vectorised step hands each member its own value."""
+    varied = {}
+    for name, first in models[0].hparams.items():
+        values = [m.hparams[name] for m in models]
+        if all(v == first for v in values):
+            continue
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise LatentzooError(
+                f"ensemble: members differ in model.{name} ({values}); only numbers (loss "
+                "weights) may vary across members"
+            )
+        if not isinstance(getattr(models[0], name, None), int | float):
+            raise LatentzooError(f"ensemble: model.{name} is not an attribute the step reads")
+        varied[name] = [float(v) for v in values]
+    return varied
 
 
 def _view(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -92,6 +112,11 @@ class StackedEnsemble:
                 "FactorVAE optimises manually: Lightning refuses trainer.gradient_clip_val for it, "
                 "and so does the ensemble; set trainer.gradient_clip_val=null"
             )
+        self.varied = varied_attributes(models)
+        self._varied_stacks = {
+            name: torch.tensor(values, dtype=torch.float32, device=device)
+            for name, values in self.varied.items()
+        }
         self.vectorize = self._choose_vectorize(vectorize)
         self.optimizers = self._build_optimizers()
 
@@ -144,18 +169,34 @@ class StackedEnsemble:
         prefixed_buffers = {f"model.{k}": v for k, v in self.buffers.items()}
         if self.vectorize == "vmap":
 
-            def one(p: dict, b: dict, *args: torch.Tensor) -> Any:
-                return functional_call(self.caller, (p, b), args)
+            def one(p: dict, b: dict, v: dict, *args: torch.Tensor) -> Any:
+                with self._member_values(v):
+                    return functional_call(self.caller, (p, b), args)
 
             with MemberNoise(self.generators):
-                return vmap(one, randomness="same")(prefixed, prefixed_buffers, *batched)
+                return vmap(one, randomness="same")(
+                    prefixed, prefixed_buffers, self._varied_stacks, *batched
+                )
         outputs = []
         for k in range(self.num):
             p = {name: t[k] for name, t in prefixed.items()}
             b = {name: t[k] for name, t in prefixed_buffers.items()}
-            with MemberNoise(self.generators, member=k):
+            values = {name: vals[k] for name, vals in self.varied.items()}
+            with MemberNoise(self.generators, member=k), self._member_values(values):
                 outputs.append(functional_call(self.caller, (p, b), tuple(a[k] for a in batched)))
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outputs)
+
+    @contextlib.contextmanager
+    def _member_values(self, values: dict[str, Any]) -> Iterator[None]:
+        """The template reads this member's loss weights (a batched scalar under vmap)."""
+        saved = {name: getattr(self.template, name) for name in values}
+        for name, value in values.items():
+            object.__setattr__(self.template, name, value)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                object.__setattr__(self.template, name, value)
 
     # --- one training step --------------------------------------------------------------------
     def training_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
@@ -230,7 +271,7 @@ class StackedEnsemble:
         if not bool(newly.any()):
             return
         for k in newly.nonzero().flatten().tolist():
-            self.dropped[k] = {"step": step, "loss": float(losses[k])}
+            self.dropped[k] = {"step": step, "loss": float(losses[k].detach())}
             self._frozen[k] = {
                 "params": {n: t[k].detach().clone() for n, t in self.params.items()},
                 "optim": [self._member_optimizer_state(i, k) for i in range(len(self.optimizers))],
@@ -278,11 +319,14 @@ class StackedEnsemble:
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, stage: str) -> dict[str, torch.Tensor]:
         """The model's ``step(x, stage)`` terms per member [K] (eval mode, no update)."""
+        streams = [g.state_dict() for g in self.generators]  # eval must not shift training
         self.template.eval()
         try:
             return self._run(lambda model, x: model.step(x, stage), images)
         finally:
             self.template.train()
+            for generator, state in zip(self.generators, streams, strict=True):
+                generator.load_state_dict(state)
 
     # --- the ensemble checkpoint --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
