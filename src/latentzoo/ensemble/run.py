@@ -392,7 +392,10 @@ def train_ensemble(cfg: DictConfig, record: Any = None) -> tuple[dict[str, float
             run.evaluate("test")
         run.save()
     except BaseException as error:
-        run.write_members("failed", error)
+        interrupted = isinstance(error, KeyboardInterrupt)
+        if interrupted:  # Ctrl-C: keep the steps done; resume=auto continues from here
+            run.save()
+        run.write_members("interrupted" if interrupted else "failed", error)
         raise
     run.write_members("completed")
     keys = {key for logged in run.last_logged for key in logged}
