@@ -233,19 +233,16 @@ class StackedEnsemble:
         leaves = [self.params[n] for n in names]
         if guard:
             self._drop_nonfinite(losses, step)
+        # Members share no arithmetic (vmap slices, elementwise Adam, per-member clipping), so a
+        # dropped member's NaN stays in its own slice; its exported weights and optimizer state
+        # are the snapshot taken when it was dropped (``_frozen``).
         grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
-        alive = self.alive.to(self.device)
         for leaf, grad in zip(leaves, grads, strict=True):
-            if grad is None:
-                leaf.grad = None
-                continue
-            # a dropped member's NaN must not reach its Adam state (it is frozen anyway)
-            leaf.grad = torch.where(_view(alive, grad), grad, torch.zeros_like(grad))
+            leaf.grad = grad
         self._clip([leaf for leaf in leaves if leaf.grad is not None])
         with torch.no_grad():
             self.optimizers[group].step()
         self.optimizers[group].zero_grad(set_to_none=True)
-        self._restore_dropped(group)
 
     def _clip(self, leaves: list[torch.Tensor]) -> None:
         """Lightning's gradient clipping, per member: by value (elementwise, so per member
@@ -277,12 +274,6 @@ class StackedEnsemble:
                 "optim": [self._member_optimizer_state(i, k) for i in range(len(self.optimizers))],
             }
         self.alive &= finite
-
-    def _restore_dropped(self, group: int) -> None:
-        with torch.no_grad():
-            for k, frozen in self._frozen.items():
-                for name in self.groups[group]:
-                    self.params[name][k].copy_(frozen["params"][name])
 
     # --- per-member views ---------------------------------------------------------------------
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
