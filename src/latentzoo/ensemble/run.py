@@ -351,6 +351,26 @@ class EnsembleRun:
         return record
 
 
+class _RecordView:
+    """What ``utils.run_record`` reads from a trainer, for the ensemble dir's ``metrics.json``."""
+
+    strategy = None
+    checkpoint_callback = None
+    ckpt_path = None
+    interrupted = False
+
+    def __init__(self, run: EnsembleRun) -> None:
+        self._run = run
+
+    @property
+    def global_step(self) -> int:
+        return self._run.step
+
+    @property
+    def current_epoch(self) -> int:
+        return self._run.loaders.epoch
+
+
 def _hydra_overrides(root: Path) -> list[str]:
     path = root / ".hydra" / "overrides.yaml"
     if path.is_file():
@@ -380,6 +400,8 @@ def train_ensemble(cfg: DictConfig, record: Any = None) -> tuple[dict[str, float
         f"{[m.seed for m in members]}"
     )
     run = EnsembleRun(cfg, members)
+    if record is not None:
+        record.trainer = _RecordView(run)
     resume = _resume_path(cfg, run.root)
     if resume is not None:
         run.resume_from(resume)
