@@ -144,13 +144,19 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     for path in map(Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"no such file or directory: {path}")
-        if (path / ".hydra" / "overrides.yaml").is_file():
+        if (path / ".hydra" / "overrides.yaml").is_file() and not is_ensemble_run(path):
             found = [path]
         else:
             found = [p.parent.parent for p in path.rglob(".hydra/overrides.yaml")]
-        runs += sorted(found, key=_natural_key)
+        runs += sorted((p for p in found if not is_ensemble_run(p)), key=_natural_key)
     unique = list(dict.fromkeys(p.resolve() for p in runs))
     return unique
+
+
+def is_ensemble_run(path: Path) -> bool:
+    """An ensemble run dir (``train.py ensemble.seeds=...``) is not a run itself; its members
+    (``members/seed_<s>/``, each the single run ``seed=<s>``) are."""
+    return any((path / "members").glob("*/.hydra/overrides.yaml"))
 
 
 def _natural_key(path: Path) -> list[Any]:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from latentzoo.callbacks.checkpointing import stop_if_interrupted
 from latentzoo.callbacks.randomness import TrainingRandomness
 from latentzoo.callbacks.run_info import ResumeReport
+from latentzoo.ensemble import ensemble_requested, train_ensemble
 from latentzoo.paths import config_dir, setup_project_root
 from latentzoo.utils import (
     RankedLogger,
@@ -52,6 +53,8 @@ def train(cfg: DictConfig, record: RunRecord) -> tuple[dict[str, Any], dict[str,
     ``<output_dir>/metrics.json`` (final metrics, or the error of a failed run).
     """
     validate_train(cfg)  # also for train(cfg) called from code: before anything is built
+    if ensemble_requested(cfg):  # K seeds of one model in one process: latentzoo/ensemble
+        return train_ensemble(cfg, record)
     set_matmul_precision(cfg.get("float32_matmul_precision"))
     if cfg.get("seed") is not None:  # the same initial weights on every rank
         L.seed_everything(cfg.seed, workers=True)

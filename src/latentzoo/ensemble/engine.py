@@ -1,0 +1,346 @@
+"""K members of one model trained as one: parameters stacked [K, ...], one vectorised step.
+
+The members' weights live as stacked leaves (``torch.func.stack_module_state``); a step runs the
+model's own ``step`` (or FactorVAE's ``vae_terms`` / ``discriminator_terms``) on each member's
+batch through ``functional_call`` under ``vmap`` over the member dimension, so the loss code is
+the model's, unchanged. Member losses are independent, so the gradient of their sum is each
+member's own gradient, and the optimizer (Adam, elementwise) on [K, ...] tensors keeps per-member
+moments. What is *not* elementwise is made per member here: gradient-norm clipping (one norm per
+member, as Lightning's ``clip_grad_norm_`` over that member's parameters) and the NaN guard (a
+member whose loss is non-finite is dropped: its weights and optimizer state stay at their last
+finite values, the others go on untouched).
+
+Models whose step branches in Python on a random draw (LieVAE's ``eg_flip=per_batch``) cannot be
+vmapped; they run member by member on the stacked weights (``vectorize=loop``), still with one
+optimizer step for all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from latentzoo.ensemble.noise import MemberGenerators, MemberNoise
+from latentzoo.utils.errors import LatentzooError
+
+
+class _Call(nn.Module):
+    """Wraps the template model so that ``functional_call`` can run any of its methods."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.fn: Callable[..., Any] | None = None
+
+    def forward(self, *args: Any) -> Any:
+        assert self.fn is not None
+        return self.fn(self.model, *args)
+
+
+class _StepClock:
+    """Stands in for ``model.trainer`` inside the template (LieVAE's capacity reads
+    ``global_step``)."""
+
+    def __init__(self) -> None:
+        self.global_step = 0
+
+
+def varied_attributes(models: list[nn.Module]) -> dict[str, list[float]]:
+    """The scalar hyper-parameters (loss weights: β, γ, capacity, ...) that differ between
+    members; the vectorised step hands each member its own value."""
+    varied = {}
+    for name, first in models[0].hparams.items():
+        values = [m.hparams[name] for m in models]
+        if all(v == first for v in values):
+            continue
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise LatentzooError(
+                f"ensemble: members differ in model.{name} ({values}); only numbers (loss "
+                "weights) may vary across members"
+            )
+        if not isinstance(getattr(models[0], name, None), int | float):
+            raise LatentzooError(f"ensemble: model.{name} is not an attribute the step reads")
+        varied[name] = [float(v) for v in values]
+    return varied
+
+
+def _view(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+class StackedEnsemble:
+    """The members' weights, optimizers and noise streams, and the vectorised training step."""
+
+    def __init__(
+        self,
+        models: list[nn.Module],
+        seeds: list[int],
+        device: torch.device,
+        vectorize: str = "auto",
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+    ) -> None:
+        self.kind = type(models[0]).__name__
+        self.num = len(models)
+        self.device = device
+        self.models = models  # the unstacked members: configs, hparams, state_dict layout
+        self.template = copy.deepcopy(models[0]).to(device)
+        self.clock = _StepClock()
+        self.template._trainer = self.clock  # type: ignore[assignment]
+        self.caller = _Call(self.template)
+        params, buffers = stack_module_state([m.to(device) for m in models])
+        self.params: dict[str, torch.Tensor] = params
+        self.buffers: dict[str, torch.Tensor] = buffers
+        for model in models:  # the stacks hold the weights now; keep the members small on CPU
+            model.to("cpu")
+        self.generators = [MemberGenerators(seed) for seed in seeds]
+        self.seeds = list(seeds)
+        self.alive = torch.ones(self.num, dtype=torch.bool)
+        self.dropped: dict[int, dict[str, Any]] = {}  # member -> {step, loss}
+        self._frozen: dict[int, dict[str, Any]] = {}  # member -> its last finite params/state
+        self.clip_val = gradient_clip_val
+        self.clip_algorithm = gradient_clip_algorithm
+        self.is_factor_vae = hasattr(models[0], "discriminator_terms")
+        if self.is_factor_vae and gradient_clip_val:
+            raise LatentzooError(
+                "FactorVAE optimises manually: Lightning refuses trainer.gradient_clip_val for it, "
+                "and so does the ensemble; set trainer.gradient_clip_val=null"
+            )
+        self.varied = varied_attributes(models)
+        self._varied_stacks = {
+            name: torch.tensor(values, dtype=torch.float32, device=device)
+            for name, values in self.varied.items()
+        }
+        self.vectorize = self._choose_vectorize(vectorize)
+        self.optimizers = self._build_optimizers()
+
+    # --- set-up -------------------------------------------------------------------------------
+    def _choose_vectorize(self, vectorize: str) -> str:
+        if vectorize not in ("auto", "vmap", "loop"):
+            raise LatentzooError(f"ensemble.vectorize must be auto, vmap or loop, not {vectorize}")
+        branches = (
+            getattr(self.template, "eg_flip", None) == "per_batch"
+            and getattr(self.template, "forward_eg_prob", 0) > 0
+        )
+        if vectorize == "vmap" and branches:
+            raise LatentzooError(
+                "ensemble.vectorize=vmap: LieVAE with eg_flip=per_batch branches on a random draw "
+                "per member; use ensemble.vectorize=auto (loop) or model.eg_flip=per_sample"
+            )
+        if vectorize == "auto":
+            return "loop" if branches else "vmap"
+        return vectorize
+
+    def _param_names(self, module: nn.Module, prefix: str) -> list[str]:
+        return [f"{prefix}{name}" for name, _ in module.named_parameters()]
+
+    def _build_optimizers(self) -> list[torch.optim.Optimizer]:
+        model = self.template
+        if getattr(model, "scheduler_factory", None) is not None:
+            raise LatentzooError(
+                "ensemble training does not drive learning-rate schedulers yet; set "
+                "model.scheduler=null or train single runs"
+            )
+        if self.is_factor_vae:
+            vae = self._param_names(model.encoder, "encoder.") + self._param_names(
+                model.decoder, "decoder."
+            )
+            disc = self._param_names(model.discriminator, "discriminator.")
+            self.groups = [vae, disc]
+            return [
+                model.optimizer_factory(params=[self.params[n] for n in vae]),
+                model.discriminator_optimizer_factory(params=[self.params[n] for n in disc]),
+            ]
+        names = [name for name, _ in model.named_parameters()]
+        self.groups = [names]
+        return [model.optimizer_factory(params=[self.params[n] for n in names])]
+
+    # --- the functional calls -----------------------------------------------------------------
+    def _run(self, fn: Callable[..., Any], *batched: torch.Tensor) -> Any:
+        """``fn(model, *member_args)`` for every member; outputs stacked [K, ...]."""
+        self.caller.fn = fn
+        prefixed = {f"model.{k}": v for k, v in self.params.items()}
+        prefixed_buffers = {f"model.{k}": v for k, v in self.buffers.items()}
+        if self.vectorize == "vmap":
+
+            def one(p: dict, b: dict, v: dict, *args: torch.Tensor) -> Any:
+                with self._member_values(v):
+                    return functional_call(self.caller, (p, b), args)
+
+            with MemberNoise(self.generators):
+                return vmap(one, randomness="same")(
+                    prefixed, prefixed_buffers, self._varied_stacks, *batched
+                )
+        outputs = []
+        for k in range(self.num):
+            p = {name: t[k] for name, t in prefixed.items()}
+            b = {name: t[k] for name, t in prefixed_buffers.items()}
+            values = {name: vals[k] for name, vals in self.varied.items()}
+            with MemberNoise(self.generators, member=k), self._member_values(values):
+                outputs.append(functional_call(self.caller, (p, b), tuple(a[k] for a in batched)))
+        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outputs)
+
+    @contextlib.contextmanager
+    def _member_values(self, values: dict[str, Any]) -> Iterator[None]:
+        """The template reads this member's loss weights (a batched scalar under vmap)."""
+        saved = {name: getattr(self.template, name) for name in values}
+        for name, value in values.items():
+            object.__setattr__(self.template, name, value)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                object.__setattr__(self.template, name, value)
+
+    # --- one training step --------------------------------------------------------------------
+    def training_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step of every member on ``images`` [K, B, ...]; the terms [K]."""
+        self.clock.global_step = step
+        self.template.train()
+        if self.is_factor_vae:
+            return self._factor_vae_step(images, step)
+        terms = self._run(lambda model, x: model.step(x, "train"), images)
+        self._update(0, terms["loss"], step)
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _factor_vae_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        # FactorVAE.training_step, member-wise: VAE step, then the discriminator on the latents
+        # of the same forward pass (and, for discriminator_batch=split, the updated encoder)
+        def vae(model: nn.Module, x: torch.Tensor) -> Any:
+            x_vae, x_other = model.split_batch(x)
+            terms, z = model.vae_terms(x_vae)
+            return terms, z
+
+        terms, z = self._run(vae, images)
+        self._update(0, terms["loss"], step)
+
+        def disc(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> Any:
+            _, x_other = model.split_batch(x)
+            return model.discriminator_terms(*model.discriminator_inputs(z, x_other))
+
+        d_terms = self._run(disc, images, z.detach())
+        self._update(1, d_terms["d_loss"], step, guard=False)
+        return {k: v.detach() for k, v in {**terms, **d_terms}.items()}
+
+    def _update(self, group: int, losses: torch.Tensor, step: int, guard: bool = True) -> None:
+        names = self.groups[group]
+        leaves = [self.params[n] for n in names]
+        if guard:
+            self._drop_nonfinite(losses, step)
+        # Members share no arithmetic (vmap slices, elementwise Adam, per-member clipping), so a
+        # dropped member's NaN stays in its own slice; its exported weights and optimizer state
+        # are the snapshot taken when it was dropped (``_frozen``).
+        grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        for leaf, grad in zip(leaves, grads, strict=True):
+            leaf.grad = grad
+        self._clip([leaf for leaf in leaves if leaf.grad is not None])
+        with torch.no_grad():
+            self.optimizers[group].step()
+        self.optimizers[group].zero_grad(set_to_none=True)
+
+    def _clip(self, leaves: list[torch.Tensor]) -> None:
+        """Lightning's gradient clipping, per member: by value (elementwise, so per member
+        already) or by the 2-norm of that member's gradients over all its parameters."""
+        if not self.clip_val or not leaves:
+            return
+        if self.clip_algorithm == "value":
+            for leaf in leaves:
+                leaf.grad.clamp_(-self.clip_val, self.clip_val)
+            return
+        norms = torch.stack(
+            [torch.linalg.vector_norm(leaf.grad.flatten(1), 2, dim=1) for leaf in leaves]
+        )
+        total = torch.linalg.vector_norm(norms, 2, dim=0)  # [K]
+        coef = torch.clamp(self.clip_val / (total + 1e-6), max=1.0)
+        for leaf in leaves:
+            leaf.grad.mul_(_view(coef, leaf.grad))
+
+    # --- the NaN guard ------------------------------------------------------------------------
+    def _drop_nonfinite(self, losses: torch.Tensor, step: int) -> None:
+        finite = torch.isfinite(losses.detach()).cpu()
+        newly = self.alive & ~finite
+        if not bool(newly.any()):
+            return
+        for k in newly.nonzero().flatten().tolist():
+            self.dropped[k] = {"step": step, "loss": float(losses[k].detach())}
+            self._frozen[k] = {
+                "params": {n: t[k].detach().clone() for n, t in self.params.items()},
+                "optim": [self._member_optimizer_state(i, k) for i in range(len(self.optimizers))],
+            }
+        self.alive &= finite
+
+    # --- per-member views ---------------------------------------------------------------------
+    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's ``state_dict``, keyed and laid out as its single run's."""
+        frozen = self._frozen.get(k)
+        model = self.models[k]
+        source = {
+            **{n: t[k] for n, t in self.params.items()},
+            **{n: t[k] for n, t in self.buffers.items()},
+        }
+        if frozen is not None:
+            source.update(frozen["params"])
+        return {name: source[name].detach().cpu().clone() for name in model.state_dict()}
+
+    def _member_optimizer_state(self, group: int, k: int) -> dict[str, Any]:
+        state = self.optimizers[group].state_dict()
+        member_state = {}
+        for index, entry in state["state"].items():
+            member_state[index] = {
+                key: value[k].detach().cpu().clone()
+                if torch.is_tensor(value) and value.dim() > 0
+                else (value.detach().cpu().clone() if torch.is_tensor(value) else value)
+                for key, value in entry.items()
+            }
+        return {"state": member_state, "param_groups": copy.deepcopy(state["param_groups"])}
+
+    def member_optimizer_states(self, k: int) -> list[dict[str, Any]]:
+        frozen = self._frozen.get(k)
+        if frozen is not None:
+            return frozen["optim"]
+        return [self._member_optimizer_state(i, k) for i in range(len(self.optimizers))]
+
+    # --- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, stage: str) -> dict[str, torch.Tensor]:
+        """The model's ``step(x, stage)`` terms per member [K] (eval mode, no update)."""
+        streams = [g.state_dict() for g in self.generators]  # eval must not shift training
+        self.template.eval()
+        try:
+            return self._run(lambda model, x: model.step(x, stage), images)
+        finally:
+            self.template.train()
+            for generator, state in zip(self.generators, streams, strict=True):
+                generator.load_state_dict(state)
+
+    # --- the ensemble checkpoint --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": {n: t.detach().cpu() for n, t in self.params.items()},
+            "buffers": {n: t.detach().cpu() for n, t in self.buffers.items()},
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "generators": [g.state_dict() for g in self.generators],
+            "alive": self.alive.clone(),
+            "dropped": dict(self.dropped),
+            "frozen": self._frozen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.params[name].copy_(value)
+            for name, value in state["buffers"].items():
+                self.buffers[name].copy_(value)
+        for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(saved)
+        for gen, saved in zip(self.generators, state["generators"], strict=True):
+            gen.load_state_dict(saved)
+        self.alive = state["alive"].clone()
+        self.dropped = dict(state["dropped"])
+        self._frozen = state["frozen"]

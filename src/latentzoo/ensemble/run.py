@@ -1,0 +1,429 @@
+"""The ensemble train task: K members of one model in one process (``ensemble.seeds=...``).
+
+Called from ``latentzoo.train.train`` when ``ensemble.seeds`` is set. Each member k:
+
+- is built after ``seed_everything(s_k)``, exactly as ``train.py seed=s_k`` builds its model;
+- reads its own training stream: the datamodule's resumable loader with seed ``data.seed`` or,
+  when that is null (the default), ``s_k`` (as the single run's sampler takes the run seed);
+- draws its noise from generators seeded ``rank_seed(s_k, 0)``, as ``TrainingRandomness``
+  seeds the single run (:mod:`latentzoo.ensemble.noise`);
+- writes ``<run>/members/seed_<s_k>/``: ``.hydra/{config,overrides}.yaml`` of that single run,
+  ``metrics.json`` in the single-run schema, ``csv/version_0/metrics.csv`` (the CSV logger's
+  layout) and ``checkpoints/last.ckpt`` (state_dict, optimizer states, step, the config, the
+  training stream) that ``eval.py`` reads like any single run's.
+
+The ensemble itself checkpoints to ``<run>/checkpoints/ensemble_last.ckpt`` (every member's
+weights, optimizer moments, noise streams, loader positions, dropped members) on the
+``callbacks.model_checkpoint.every_n_train_steps`` cadence and at the end; ``resume=auto`` or
+``ckpt_path=<that file>`` continues it exactly.
+
+Not done per member (yet): validation during training, best-checkpoint selection, image and
+disentanglement callbacks; validation and test losses are computed once at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from latentzoo.callbacks.randomness import rng_to_checkpoint
+from latentzoo.ensemble.engine import StackedEnsemble
+from latentzoo.ensemble.members import Member, member_overrides, members_of
+from latentzoo.utils.atomic import atomic_write, atomic_write_text
+from latentzoo.utils.checkpoint import CHECKPOINT_KEY
+from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision
+from latentzoo.utils.errors import LatentzooError
+from latentzoo.utils.logging import RankedLogger
+
+log = RankedLogger(__name__, rank_zero_only=True)
+
+ENSEMBLE_CKPT = "ensemble_last.ckpt"
+
+
+def check_ensemble(cfg: DictConfig) -> list[Member]:
+    """Refuse what the ensemble cannot do, before anything is built; the members."""
+    members = members_of(cfg)
+    trainer = cfg.trainer
+    devices = trainer.get("devices", 1)
+    multi = trainer.get("num_nodes", 1) != 1 or (devices not in (1, "1", "auto", None))
+    if multi or "ddp" in str(trainer.get("strategy", "")):
+        raise LatentzooError(
+            "ensemble training runs in one process on one device: drop trainer=ddp* (to use "
+            "several GPUs, run one ensemble per GPU with disjoint ensemble.seeds)"
+        )
+    if trainer.get("precision", "32-true") not in ("32-true", "32", 32):
+        raise LatentzooError("ensemble training supports trainer.precision=32-true only")
+    if trainer.get("accumulate_grad_batches", 1) != 1:
+        raise LatentzooError("ensemble training does not accumulate gradients")
+    if not trainer.get("max_steps") or trainer.max_steps < 0:
+        raise LatentzooError("ensemble training counts steps: set trainer.max_steps")
+    return members
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise LatentzooError("trainer.accelerator asks for a GPU but none is visible")
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def build_members(cfg: DictConfig, members: list[Member]) -> list[torch.nn.Module]:
+    """Each member's model, built after ``seed_everything(seed)`` as its single run builds it."""
+    models = []
+    for member in members:
+        L.seed_everything(member.seed, workers=True, verbose=False)
+        models.append(hydra.utils.instantiate(member.cfg.model))
+    return models
+
+
+class MemberLoaders:
+    """The members' training loaders (one per member seed) over one datamodule's dataset."""
+
+    def __init__(self, datamodule: Any, data_seed: int | None, members: list[Member]) -> None:
+        self.loaders = []
+        for member in members:
+            datamodule.seed = member.seed if data_seed is None else data_seed
+            self.loaders.append(datamodule.train_dataloader())
+        self.batches_per_epoch = len(self.loaders[0])
+        self.epoch = 0
+        self._iters: list[Any] | None = None
+
+    def limit(self, limit_train_batches: float | int) -> None:
+        n = len(self.loaders[0])
+        if isinstance(limit_train_batches, int) and not isinstance(limit_train_batches, bool):
+            self.batches_per_epoch = min(n, limit_train_batches)
+        elif float(limit_train_batches) != 1.0:
+            self.batches_per_epoch = int(n * float(limit_train_batches))
+
+    def next(self) -> list[Any]:
+        """The members' next batches; a new epoch (all together) when this one is spent."""
+        while True:
+            if self._iters is None:
+                for loader in self.loaders:
+                    loader.sampler.set_epoch(self.epoch)
+                self._iters = [iter(loader) for loader in self.loaders]
+            if self.loaders[0].state_dict()["consumed"] < self.batches_per_epoch:
+                try:
+                    return [next(it) for it in self._iters]
+                except StopIteration:
+                    pass
+            self._iters = None
+            self.epoch += 1
+            for loader in self.loaders:
+                loader.load_state_dict({"epoch": self.epoch, "consumed": 0})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "loaders": [ld.state_dict() for ld in self.loaders]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for loader, saved in zip(self.loaders, state["loaders"], strict=True):
+            loader.load_state_dict(saved)
+        self.epoch = self.loaders[0].sampler.pass_start()[0]  # a finished epoch moves on
+        self._iters = None
+
+
+def _images(batches: list[Any], device: torch.device) -> torch.Tensor:
+    xs = [b[0] if isinstance(b, list | tuple) else b for b in batches]
+    return torch.stack(xs).to(device, non_blocking=True)
+
+
+def _save(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as handle:
+        torch.save(obj, handle)
+
+
+class EnsembleRun:
+    """The ensemble's training loop, checkpoints and per-member outputs."""
+
+    def __init__(self, cfg: DictConfig, members: list[Member]) -> None:
+        self.cfg = cfg
+        self.members = members
+        self.root = Path(cfg.paths.output_dir)
+        self.device = _device(cfg)
+        set_matmul_precision(cfg.get("float32_matmul_precision"))
+        data_cfg = resolve_batch_size(cfg.data, 1)
+        self.datamodule = hydra.utils.instantiate(data_cfg)
+        self.datamodule.setup("fit")
+        models = build_members(cfg, members)
+        for model in models:  # what BetaTCVAE.setup reads from the training loader
+            if getattr(model, "dataset_size", 0) is None:
+                model.dataset_size = len(self.datamodule.train_dataloader().dataset)
+        trainer = cfg.trainer
+        self.ensemble = StackedEnsemble(
+            models,
+            [m.seed for m in members],
+            self.device,
+            vectorize=cfg.ensemble.get("vectorize", "auto"),
+            gradient_clip_val=trainer.get("gradient_clip_val"),
+            gradient_clip_algorithm=trainer.get("gradient_clip_algorithm") or "norm",
+        )
+        self.loaders = MemberLoaders(self.datamodule, cfg.data.get("seed"), members)
+        self.loaders.limit(trainer.get("limit_train_batches", 1.0))
+        self.step = 0
+        self.log_every = int(trainer.get("log_every_n_steps") or 50)
+        ckpt_cfg = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+        self.save_every = ckpt_cfg.get("every_n_train_steps")
+        self.loggers = [
+            CSVLogger(save_dir=str(self.member_dir(m)), name="csv", prefix="") for m in members
+        ]
+        self.last_logged: list[dict[str, float]] = [{} for _ in members]
+        self.started = time.time()
+
+    def member_dir(self, member: Member) -> Path:
+        return self.root / "members" / member.name
+
+    # --- training -----------------------------------------------------------------------------
+    def fit(self) -> None:
+        from tqdm.auto import tqdm
+
+        max_steps = int(self.cfg.trainer.max_steps)
+        show = bool(self.cfg.trainer.get("enable_progress_bar", True))
+        bar = tqdm(total=max_steps, initial=self.step, disable=not show, desc="ensemble")
+        while self.step < max_steps:
+            images = _images(self.loaders.next(), self.device)
+            terms = self.ensemble.training_step(images, self.step)
+            self.step += 1
+            bar.update(1)
+            if self.step % self.log_every == 0 or self.step == max_steps:
+                self._log({f"train/{k}": v for k, v in terms.items()}, self.step - 1)
+                bar.set_postfix(alive=int(self.ensemble.alive.sum()))
+            if self.save_every and self.step % int(self.save_every) == 0:
+                self.save()
+        bar.close()
+
+    def _log(self, terms: dict[str, torch.Tensor], step: int) -> None:
+        values = {k: v.detach().cpu().tolist() for k, v in terms.items()}
+        for k, logger in enumerate(self.loggers):
+            if not bool(self.ensemble.alive[k]) and k in self.ensemble.dropped:
+                continue  # its metrics stop where it stopped, as a failed single run's
+            row = {name: float(v[k]) for name, v in values.items()}
+            logger.log_metrics({**row, "epoch": self.loaders.epoch}, step=step)
+            self.last_logged[k].update(row)
+
+    def evaluate(self, stage: str) -> None:
+        """Mean ``<stage>/*`` terms of every member over the split (at most
+        ``trainer.limit_<stage>_batches`` batches), logged and kept for ``metrics.json``."""
+        loader = getattr(self.datamodule, f"{stage}_dataloader")()
+        limit = self.cfg.trainer.get(f"limit_{stage}_batches", 1.0)
+        n_batches = len(loader)
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            n_batches = min(n_batches, limit)
+        else:
+            n_batches = int(n_batches * float(limit))
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for i, batch in enumerate(loader):
+            if i >= n_batches:
+                break
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            images = x.unsqueeze(0).expand(len(self.members), *x.shape).to(self.device)
+            terms = self.ensemble.evaluate(images, stage)
+            size = x.shape[0]
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0) + value.detach().cpu() * size
+            count += size
+        if count:
+            self._log({f"{stage}/{k}": v / count for k, v in sums.items()}, self.step)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def save(self) -> None:
+        """The ensemble checkpoint, then every member's ``last.ckpt``."""
+        state = {
+            "ensemble": {
+                "seeds": [m.seed for m in self.members],
+                "values": [m.values for m in self.members],
+                "step": self.step,
+                "data": self.loaders.state_dict(),
+                "engine": self.ensemble.state_dict(),
+            },
+            "global_step": self.step,
+            CHECKPOINT_KEY: {"config": OmegaConf.to_container(self.cfg, resolve=True)},
+        }
+        _save(self.root / "checkpoints" / ENSEMBLE_CKPT, state)
+        for k, member in enumerate(self.members):
+            _save(self.member_dir(member) / "checkpoints" / "last.ckpt", self.member_checkpoint(k))
+
+    def member_checkpoint(self, k: int) -> dict[str, Any]:
+        """Member k's ``last.ckpt`` in the single-run layout (keys Lightning and eval.py read)."""
+        member = self.members[k]
+        dropped = self.ensemble.dropped.get(k)
+        step = dropped["step"] if dropped else self.step
+        generators = self.ensemble.generators[k]
+        loader_state = self.loaders.loaders[k].state_dict()
+        return {
+            "epoch": self.loaders.epoch,
+            "global_step": step,
+            "pytorch-lightning_version": L.__version__,
+            "state_dict": self.ensemble.member_state_dict(k),
+            "optimizer_states": self.ensemble.member_optimizer_states(k),
+            "lr_schedulers": [],
+            "hyper_parameters": dict(self.ensemble.models[k].hparams),
+            "callbacks": {
+                "TrainingRandomness": {
+                    "seed": member.seed,
+                    "world_size": 1,
+                    "rng": [rng_to_checkpoint(generators.single_run_stream())],
+                }
+            },
+            "ensemble_member": {
+                "seeds": [m.seed for m in self.members],
+                "index": k,
+                "data": loader_state,
+            },
+            CHECKPOINT_KEY: {
+                "config": OmegaConf.to_container(self.member_cfg(member), resolve=True)
+            },
+        }
+
+    def member_cfg(self, member: Member) -> DictConfig:
+        cfg = member.cfg.copy()
+        cfg.paths.output_dir = str(self.member_dir(member))
+        return cfg
+
+    def resume_from(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = state.get("ensemble")
+        if saved is None:
+            raise LatentzooError(f"{path} is not an ensemble checkpoint (no 'ensemble' entry)")
+        seeds = [m.seed for m in self.members]
+        if saved["seeds"] != seeds or saved["values"] != [m.values for m in self.members]:
+            raise LatentzooError(
+                f"{path} holds members {saved['seeds']} with values {saved['values']}, but this "
+                f"run asks for {seeds}: resume with the same ensemble settings"
+            )
+        self.ensemble.load_state_dict(saved["engine"])
+        self.loaders.load_state_dict(saved["data"])
+        self.step = int(saved["step"])
+        log.info(f"Resumed the ensemble from {path} at step {self.step}")
+
+    # --- per-member run dirs ------------------------------------------------------------------
+    def write_members(self, status: str, error: BaseException | None = None) -> None:
+        overrides = _hydra_overrides(self.root)
+        for k, member in enumerate(self.members):
+            folder = self.member_dir(member)
+            hydra_dir = folder / ".hydra"
+            hydra_dir.mkdir(parents=True, exist_ok=True)
+            config = OmegaConf.to_container(self.member_cfg(member), resolve=False)
+            config.pop("hydra", None)
+            atomic_write_text(hydra_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+            atomic_write_text(
+                hydra_dir / "overrides.yaml",
+                yaml.safe_dump(member_overrides(overrides, member), sort_keys=False),
+            )
+            self.loggers[k].finalize("success")
+            atomic_write_text(
+                folder / "metrics.json", json.dumps(self.member_record(k, status, error), indent=2)
+            )
+
+    def member_record(self, k: int, status: str, error: BaseException | None) -> dict[str, Any]:
+        """The single-run ``metrics.json`` schema (``utils.run_record``)."""
+        dropped = self.ensemble.dropped.get(k)
+        last = self.member_dir(self.members[k]) / "checkpoints" / "last.ckpt"
+        record: dict[str, Any] = {
+            "status": status,
+            "global_step": dropped["step"] if dropped else self.step,
+            "epoch": self.loaders.epoch,
+            "metrics": dict(self.last_logged[k]),
+            "best_model_path": None,
+            "duration_s": round(time.time() - self.started, 3),
+            "error": None if error is None else f"{type(error).__name__}: {error}",
+            "ensemble": {"seeds": [m.seed for m in self.members], "index": k},
+        }
+        if dropped:
+            record["status"] = "failed"
+            record["error"] = (
+                f"NonFiniteLossError: the loss became non-finite at global step {dropped['step']} "
+                f"(it was {dropped['loss']}); this member stopped there, the others went on"
+            )
+            record["last_checkpoint"] = str(last)
+        return record
+
+
+class _RecordView:
+    """What ``utils.run_record`` reads from a trainer, for the ensemble dir's ``metrics.json``."""
+
+    strategy = None
+    checkpoint_callback = None
+    ckpt_path = None
+    interrupted = False
+
+    def __init__(self, run: EnsembleRun) -> None:
+        self._run = run
+
+    @property
+    def global_step(self) -> int:
+        return self._run.step
+
+    @property
+    def current_epoch(self) -> int:
+        return self._run.loaders.epoch
+
+
+def _hydra_overrides(root: Path) -> list[str]:
+    path = root / ".hydra" / "overrides.yaml"
+    if path.is_file():
+        return list(yaml.safe_load(path.read_text()) or [])
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def _resume_path(cfg: DictConfig, root: Path) -> Path | None:
+    if cfg.get("ckpt_path"):
+        return Path(cfg.ckpt_path)
+    own = root / "checkpoints" / ENSEMBLE_CKPT
+    if str(cfg.get("resume", "off")) == "auto" and own.is_file():
+        return own
+    return None
+
+
+def train_ensemble(cfg: DictConfig, record: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train the ensemble of ``cfg.ensemble``; the run's metrics are the members' means."""
+    members = check_ensemble(cfg)
+    log.info(
+        f"Ensemble of {len(members)} {cfg.model._target_} members, seeds "
+        f"{[m.seed for m in members]}"
+    )
+    run = EnsembleRun(cfg, members)
+    if record is not None:
+        record.trainer = _RecordView(run)
+    resume = _resume_path(cfg, run.root)
+    if resume is not None:
+        run.resume_from(resume)
+    try:
+        if cfg.get("train", True):
+            run.fit()
+        if cfg.get("train", True) or cfg.get("test"):
+            run.evaluate("val")
+        if cfg.get("test"):
+            run.evaluate("test")
+        run.save()
+    except BaseException as error:
+        interrupted = isinstance(error, KeyboardInterrupt)
+        if interrupted:  # Ctrl-C: keep the steps done; resume=auto continues from here
+            run.save()
+        run.write_members("interrupted" if interrupted else "failed", error)
+        raise
+    run.write_members("completed")
+    keys = {key for logged in run.last_logged for key in logged}
+    metrics = {
+        key: float(torch.tensor([m[key] for m in run.last_logged if key in m]).mean())
+        for key in sorted(keys)
+    }
+    metrics["ensemble/members_alive"] = float(run.ensemble.alive.sum())
+    return metrics, {"cfg": cfg, "ensemble": run}
