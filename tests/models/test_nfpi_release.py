@@ -263,3 +263,12 @@ def test_init_flow_from_loads_raw_flow_weights(tmp_path) -> None:
         other.load_flow_weights(str(path))
     with pytest.raises(LatentzooError, match="no such checkpoint"):
         other.load_flow_weights(str(tmp_path / "nope.ckpt"))
+
+
+def test_preprocess_keeps_sub_8_bit_noise() -> None:
+    """The release does not round 255·x: the MNIST U(0, 0.05) noise and x > 1 reach the flow."""
+    model = NFPI(Glow((1, 8, 8), levels=1, steps=1, blocks=0, hidden=4), (1, 8, 8), 2)
+    x = torch.full((1, 1, 8, 8), 200 / 255)
+    step = model.preprocess(x + 0.02, midpoint=True) - model.preprocess(x, midpoint=True)
+    assert torch.allclose(step, torch.full_like(x, 2 * 255 * 0.02 / 256), atol=1e-6)
+    assert model.preprocess(torch.full_like(x, 1.04), midpoint=True).min() > 1.0

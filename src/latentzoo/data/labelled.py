@@ -534,7 +534,11 @@ class ImageNet32DataModule(LabelledImageDataModule):
         size = self.native_shape[-1]
         for part in ("train", "val"):
             url = self.ZIP_URL.format(size=size, part=part)
-            archive = download_url(url, self.root / Path(url).name, name=self.name)
+            try:
+                archive = download_url(url, self.root / Path(url).name, name=self.name)
+            except DatasetNotFoundError as error:  # offline, HTTP error: one line, what to do
+                reason = " ".join(str(error).split())
+                raise self._not_found(["all"], f"download failed: {reason}") from error
             try:
                 with zipfile.ZipFile(archive) as z:
                     z.extractall(self.root)
