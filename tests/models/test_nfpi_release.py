@@ -72,7 +72,7 @@ def test_residual_block_matches_the_release_equations() -> None:
 
 def test_coupling_net_first_conv_and_attention_after_the_output_conv() -> None:
     torch.manual_seed(1)
-    net = CouplingNet(3, 6, hidden=8, blocks=1, attention=True).double()
+    net = CouplingNet(3, 6, hidden=12, blocks=1, attention=True).double()
     first = net.net[0]
     w0 = first.conv.weight.detach().clone()
     x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
