@@ -272,3 +272,15 @@ def test_preprocess_keeps_sub_8_bit_noise() -> None:
     step = model.preprocess(x + 0.02, midpoint=True) - model.preprocess(x, midpoint=True)
     assert torch.allclose(step, torch.full_like(x, 2 * 255 * 0.02 / 256), atol=1e-6)
     assert model.preprocess(torch.full_like(x, 1.04), midpoint=True).min() > 1.0
+
+
+def test_substeps_follow_loaded_weights_and_deepcopy() -> None:
+    import copy
+
+    layer = MatrixExpCoupling(12, hidden=4, blocks=0)
+    layer(torch.randn(2, 12, 2, 2))
+    state = layer.state_dict()
+    state["r"] = torch.tensor(2.0)
+    layer.load_state_dict(state)
+    assert layer.substeps == action_substeps(12.0)  # before any forward with the new weights
+    assert copy.deepcopy(layer)._published is None

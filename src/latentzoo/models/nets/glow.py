@@ -275,6 +275,12 @@ class CouplingNet(nn.Module):
 EXPM_KINDS = ("taylor", "torch")
 
 
+def _substeps_after_load(module: MatrixExpCoupling, _: Any) -> None:
+    """Loaded weights bring their own bound: set the substeps at once (one read at load)."""
+    module.substeps = action_substeps(module.norm_bound())
+    module._published = None
+
+
 class MatrixExpCoupling(nn.Module):
     """x_2' = expm(M(x_1))·x_2 + t(x_1) per pixel, logdet = Σ_pixels tr(M).
 
@@ -321,6 +327,12 @@ class MatrixExpCoupling(nn.Module):
         self.expm = expm
         self.substeps = action_substeps(self.norm_bound())
         self._published: tuple[torch.Tensor, Any] | None = None
+        self.register_load_state_dict_post_hook(_substeps_after_load)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_published"] = None  # a pending device copy and its CUDA event stay behind
+        return state
 
     def norm_bound(self) -> torch.Tensor:
         """c_2(|r| + |d|) ≥ ‖M‖₁ for every pixel (|tanh| ≤ 1)."""
