@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--train-steps", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--blocks", type=int, nargs=3, default=[8, 4, 2])
+    parser.add_argument("--init-images", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -74,10 +77,16 @@ def main() -> None:
     x = torch.randint(0, 256, (args.batch, 3, 32, 32), generator=torch.Generator().manual_seed(1))
     x = (x.float() / 255).to(device)
 
-    flows = {kind: Glow((3, 32, 32), expm=kind).to(device) for kind in ("torch", "taylor")}
+    flows = {
+        kind: Glow((3, 32, 32), blocks=args.blocks, hidden=args.hidden, expm=kind).to(device)
+        for kind in ("torch", "taylor")
+    }
     ref = flows["torch"]
-    ref.data_init(2 * (x * 255 + torch.rand_like(x)) / 256 - 1)
-    opt = torch.optim.Adamax(ref.parameters(), lr=1e-3)
+    init = torch.randint(0, 256, (args.init_images, 3, 32, 32), generator=torch.Generator())
+    init = init.float().div(255).to(device)  # the data init needs more images than a batch
+    with torch.no_grad():
+        ref.data_init(2 * (init * 255 + torch.rand_like(init)) / 256 - 1)
+    opt = torch.optim.Adamax(ref.parameters(), lr=1e-4)
     for _ in range(args.train_steps):  # move off the identity couplings
         step(ref, opt, x)
     flows["taylor"].load_state_dict(ref.state_dict())
@@ -111,7 +120,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "flow": "CIFAR MEF: levels 3, steps [8, 8, 8], blocks [8, 4, 2], hidden 128",
+        "flow": f"CIFAR MEF: levels 3, steps [8, 8, 8], blocks {args.blocks}, hidden {args.hidden}",
         "batch": args.batch,
         "repeats": args.repeats,
         "step_s": {k: {"median": median[k], "all": v} for k, v in times.items()},
