@@ -11,6 +11,9 @@
   32 with ``pad=2``, as NFPI), so the output side is ``image_size + 2 * pad``; ``channels=3``
   replicates grey to RGB;
 * ``items_per_class`` keeps a seeded per-class subset of the training split (NFPI's short runs);
+  ``prior_fit_items_per_class`` sizes the set :meth:`prior_fit_dataloader` passes over (null:
+  the training subset, as the release configs; 0: the whole training pool);
+* ``test_noise`` > 0 adds U(0, test_noise) to every val/test image (NFPI MNIST, as the release);
 * ``augment`` acts on the training split only: ``flip`` (per batch in the collate), or the NFPI
   recipes ``nfpi_cifar`` / ``nfpi_mnist`` (torchvision.transforms.v2 per item, so DataLoader
   workers do the work). Val/test and the FID reference pass are never augmented;
@@ -40,6 +43,7 @@ log = RankedLogger(__name__, rank_zero_only=True)
 
 __all__ = [
     "AUGMENTS",
+    "UniformNoise",
     "CIFAR10DataModule",
     "ImageNet32DataModule",
     "LabelledImageDataModule",
@@ -53,23 +57,25 @@ __all__ = [
 AUGMENTS = ("none", "flip", "nfpi_cifar", "nfpi_mnist")
 
 
-class _UniformNoise:
-    """uint8 image -> float in [0, 1] plus U(0, ``high``) per pixel, clamped (NFPI MNIST)."""
+class UniformNoise:
+    """uint8 image -> float in [0, 1] plus U(0, ``high``) per pixel (NFPI MNIST). Not clamped:
+    values up to 1 + high reach the model, as in the release (its flow does not round them)."""
 
     def __init__(self, high: float) -> None:
         self.high = high
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.to(torch.float32).div_(255.0)
-        return x.add_(torch.rand_like(x).mul_(self.high)).clamp_(0.0, 1.0)
+        x = image.to(torch.float32).div_(255.0) if image.dtype == torch.uint8 else image.float()
+        return x + torch.rand_like(x).mul_(self.high)
 
 
 def make_augment(kind: str, size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The per-item training transform for ``augment=kind`` on uint8 ``[C, size, size]`` images.
 
     ``nfpi_cifar``: hflip, ColorJitter(0.1, 0.1, 0.05), edge-pad 8, rotation +-12 deg,
-    CenterCrop(size + 4), RandomCrop(size). ``nfpi_mnist`` (after the module's zero ``pad``):
-    edge-pad 8, rotation +-12 deg, CenterCrop(size), + U(0, 0.05) noise (returns float).
+    CenterCrop(size + 4), RandomCrop(size). ``nfpi_mnist`` (after the module's zero ``pad``, the
+    release's Pad(2)): edge-pad 8, rotation +-12 deg, CenterCrop(size + 4), RandomCrop(size)
+    (a translation of up to +-2 px), + U(0, 0.05) noise, not clamped (returns float).
     ``none``/``flip`` -> None (the flip is done per batch by the collate).
     """
     if kind not in AUGMENTS:
@@ -92,8 +98,9 @@ def make_augment(kind: str, size: int) -> Callable[[torch.Tensor], torch.Tensor]
             [
                 v2.Pad(8, padding_mode="edge"),
                 v2.RandomRotation(12),
-                v2.CenterCrop(size),
-                _UniformNoise(0.05),
+                v2.CenterCrop(size + 4),
+                v2.RandomCrop(size),
+                UniformNoise(0.05),
             ]
         )
     return None
@@ -163,6 +170,8 @@ class LabelledImageDataModule(ImageDataModule):
         augment: str = "none",
         items_per_class: int = 0,
         subset_seed: int = 0,
+        prior_fit_items_per_class: int | None = None,
+        test_noise: float = 0.0,
         val_size: int = 1000,
         split_seed: int = 0,
         interpolation: str = "bicubic",
@@ -197,6 +206,12 @@ class LabelledImageDataModule(ImageDataModule):
         self.augment = augment
         self.items_per_class = int(items_per_class)
         self.subset_seed = subset_seed
+        self.prior_fit_items_per_class = (
+            None if prior_fit_items_per_class is None else int(prior_fit_items_per_class)
+        )
+        self.test_noise = float(test_noise)
+        if self.test_noise < 0:
+            raise ValueError(f"data.test_noise must be >= 0 (0: off), got {test_noise}")
         self.val_size = int(val_size)
         self.split_seed = split_seed
         self.interpolation = interpolation
@@ -219,18 +234,21 @@ class LabelledImageDataModule(ImageDataModule):
             images = torch.nn.functional.pad(images, [self.pad] * 4)
         return images.contiguous()
 
-    def class_subset(self, labels: torch.Tensor) -> torch.Tensor:
-        """Sorted indices of ``items_per_class`` seeded picks per class (all when 0)."""
-        if self.items_per_class <= 0:
+    def class_subset(self, labels: torch.Tensor, per_class: int | None = None) -> torch.Tensor:
+        """Sorted indices of ``per_class`` (default ``items_per_class``) seeded picks per class
+        (all when 0). One permutation per class by ``subset_seed``, so a smaller subset is
+        always inside a larger one."""
+        per_class = self.items_per_class if per_class is None else per_class
+        if per_class <= 0:
             return torch.arange(len(labels))
         rng = np.random.default_rng(self.subset_seed)
         y = labels.numpy()
         keep = []
         for c in np.unique(y):
             members = np.flatnonzero(y == c)
-            if len(members) < self.items_per_class:
-                log.warning(f"{self.name}: class {c} has {len(members)} < items_per_class")
-            keep.append(rng.permutation(members)[: self.items_per_class])
+            if len(members) < per_class:
+                log.warning(f"{self.name}: class {c} has {len(members)} < {per_class} per class")
+            keep.append(rng.permutation(members)[:per_class])
         return torch.from_numpy(np.sort(np.concatenate(keep)))
 
     def held_out(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +266,8 @@ class LabelledImageDataModule(ImageDataModule):
         for split, (images, labels) in splits.items():
             images = self._prepare_images(images)
             if split != "train":
-                out[split] = LabelledImages(images, labels, channels=channels)
+                noise = UniformNoise(self.test_noise) if self.test_noise else None
+                out[split] = LabelledImages(images, labels, transform=noise, channels=channels)
                 continue
             val, pool = self.held_out(len(labels)) if "val" not in splits else (None, None)
             pool = torch.arange(len(labels)) if pool is None else pool
@@ -258,8 +277,25 @@ class LabelledImageDataModule(ImageDataModule):
                 out["val"] = LabelledImages(images, labels, val, channels=channels)
             transform = make_augment(self.augment, self.image_shape[-1])
             out["train"] = LabelledImages(images, labels, train, transform, channels)
+            fit = self.prior_fit_items_per_class
+            if fit is not None and fit != self.items_per_class:
+                fit_idx = pool[self.class_subset(labels[pool], fit)]
+                out["prior_fit"] = LabelledImages(images, labels, fit_idx, transform, channels)
         log.info(f"{self.name}: " + ", ".join(f"{s} {len(d)}" for s, d in out.items()))  # type: ignore[arg-type]
         return out
+
+    def prior_fit_dataloader(
+        self, augment: bool = True, batch_size: int | None = None
+    ) -> DataLoader:
+        """Ordered pass over the images a class-conditional prior is fitted on (NFPI's
+        "validation" pass): the training subset, or ``prior_fit_items_per_class`` per class of
+        the training pool (0: all of it), with the training augmentation unless ``augment`` is
+        false. The caller shards batches under DDP."""
+        self.setup()
+        dataset = self.datasets.get("prior_fit", self.datasets["train"])
+        if not augment and isinstance(dataset, LabelledImages):
+            dataset = dataset.without_augment()
+        return self._loader(dataset, train=False, batch_size=batch_size)
 
     def reference_dataloader(
         self, split: str = "train", batch_size: int = 100, rank: int = 0, world_size: int = 1
@@ -428,17 +464,28 @@ class TorchvisionDataModule(LabelledImageDataModule):
 class ImageNet32DataModule(LabelledImageDataModule):
     """Downsampled ImageNet (Chrabaszcz, Loshchilov, Hutter 2017), labelled, 1000 classes.
 
-    Reads the official ``.npz`` batches from ``root``: ``train_data_batch_1..10.npz`` and
-    ``val_data.npz``, keys ``data`` (N, 3 * S * S) uint8 rows (R plane, G plane, B plane, as
-    CIFAR) and ``labels`` 1..1000 (made 0-based). Train = the first ``train_batches`` files,
-    concatenated into one preallocated array (about 3.9 GB for all ten at 32x32); test = the
-    official 50k val set; val = ``val_size`` held-out training images. Manual download only.
+    Reads the published batches from ``root`` in either format image-net.org distributes:
+    ``Imagenet32_train_npz.zip`` / ``Imagenet32_val_npz.zip`` (``train_data_batch_1..10.npz``,
+    ``val_data.npz``) or ``Imagenet32_train.zip`` / ``Imagenet32_val.zip`` (the same names without
+    extension, pickled dicts). Each has ``data`` (N, 3 * S * S) uint8 rows (R plane, G plane,
+    B plane, as CIFAR) and ``labels`` 1..1000 (made 0-based). The files may sit in ``root`` or in
+    the zips' own folders (``root/Imagenet32_train_npz/`` ...). Train = the first
+    ``train_batches`` files, concatenated into one preallocated array (about 3.9 GB for all ten at
+    32x32); test = the official 50k val set; val = ``val_size`` held-out training images.
+    ``download=true`` fetches the npz zips (image-net.org asks for a login, so this usually fails
+    with a one-line error saying where to put the files by hand).
     """
 
-    URL = "https://image-net.org/download-images (Downsampled ImageNet 32x32, npz; manual)"
+    URL = "https://image-net.org/download-images (Downsampled ImageNet 32x32, npz; login)"
+    ZIP_URL = "https://image-net.org/data/downsample/Imagenet{size}_{part}_npz.zip"
 
     def __init__(
-        self, root: str, native_size: int = 32, train_batches: int = 10, **kwargs: Any
+        self,
+        root: str,
+        native_size: int = 32,
+        train_batches: int = 10,
+        download: bool = False,
+        **kwargs: Any,
     ) -> None:
         self.native_shape = (3, native_size, native_size)
         kwargs.setdefault("name", "imagenet32_labelled")
@@ -446,33 +493,93 @@ class ImageNet32DataModule(LabelledImageDataModule):
         super().__init__(**kwargs)
         self.root = Path(root)
         self.train_batches = int(train_batches)
+        self.download = download
 
-    def _files(self) -> list[str]:
-        return [f"train_data_batch_{i}.npz" for i in range(1, self.train_batches + 1)] + [
-            "val_data.npz"
-        ]
+    def _names(self) -> list[str]:
+        names = [f"train_data_batch_{i}" for i in range(1, self.train_batches + 1)]
+        return [*names, "val_data"]
 
-    def _read(self, files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = []
-        for f in files:  # pass 1: labels only (npz members load lazily) -> allocate once
-            with np.load(self.root / f) as z:
+    def _locate(self, name: str) -> Path | None:
+        """The npz or pickle batch ``name`` in ``root`` or the published zips' folders."""
+        size = self.native_shape[-1]
+        part = "val" if name == "val_data" else "train"
+        for folder in (
+            self.root,
+            self.root / f"Imagenet{size}_{part}_npz",
+            self.root / f"Imagenet{size}_{part}",
+        ):
+            for path in (folder / f"{name}.npz", folder / name):
+                if path.is_file():
+                    return path
+        return None
+
+    def _not_found(self, missing: list[str], reason: str | None = None) -> DatasetNotFoundError:
+        return DatasetNotFoundError(
+            "ImageNet32 (downsampled, labelled)",
+            self.root,
+            expected=f"train_data_batch_1..{self.train_batches} and val_data, as .npz or pickle "
+            f"batches (missing {', '.join(missing[:3])})",
+            source=self.URL,
+            download_override="data.download=true",
+            reason=reason,
+        )
+
+    def prepare_data(self) -> None:
+        if not self.download or all(self._locate(n) for n in self._names()):
+            return
+        import zipfile
+
+        from latentzoo.data.datasets.download import download_url
+
+        size = self.native_shape[-1]
+        for part in ("train", "val"):
+            url = self.ZIP_URL.format(size=size, part=part)
+            try:
+                archive = download_url(url, self.root / Path(url).name, name=self.name)
+            except DatasetNotFoundError as error:  # offline, HTTP error: one line, what to do
+                reason = " ".join(str(error).split())
+                raise self._not_found(["all"], f"download failed: {reason}") from error
+            try:
+                with zipfile.ZipFile(archive) as z:
+                    z.extractall(self.root)
+            except zipfile.BadZipFile as error:  # a login page instead of the archive
+                archive.unlink(missing_ok=True)
+                raise self._not_found(["all"], f"{url} did not return a zip: {error}") from error
+
+    @staticmethod
+    def _load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, labels) of one npz or pickled batch."""
+        if path.suffix == ".npz":
+            with np.load(path) as z:
                 if "data" not in z.files or "labels" not in z.files:
-                    raise DatasetFormatError(f"{self.root / f}: keys {z.files}, need data, labels")
-                labels.append(np.asarray(z["labels"], dtype=np.int64).reshape(-1))
+                    raise DatasetFormatError(f"{path}: keys {z.files}, need data, labels")
+                return z["data"], np.asarray(z["labels"], dtype=np.int64).reshape(-1)
+        import pickle
+
+        with open(path, "rb") as f:
+            try:
+                batch = pickle.load(f)
+            except Exception as error:
+                msg = f"{path}: not a pickled ImageNet32 batch ({error})"
+                raise DatasetFormatError(msg) from error
+        if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+            raise DatasetFormatError(f"{path}: a pickled dict with data and labels expected")
+        return np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64).reshape(-1)
+
+    def _read(self, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
         c, s = self.native_shape[0], self.native_shape[-1]
-        data = np.empty((sum(len(y) for y in labels), c * s * s), dtype=np.uint8)
-        start = 0
-        for f, y in zip(files, labels, strict=True):
-            log.info(f"{self.name}: reading {self.root / f}")
-            with np.load(self.root / f) as z:
-                rows = z["data"]
+        rows_list, labels = [], []
+        for path in paths:
+            log.info(f"{self.name}: reading {path}")
+            rows, y = self._load_batch(path)
             if rows.shape != (len(y), c * s * s):
                 raise DatasetFormatError(
-                    f"{self.root / f}: data {rows.shape}, expected ({len(y)}, {c * s * s}) for "
+                    f"{path}: data {rows.shape}, expected ({len(y)}, {c * s * s}) for "
                     f"{s}x{s} (set data.native_size for ImageNet 16/64)"
                 )
-            data[start : start + len(y)] = rows
-            start += len(y)
+            rows_list.append(rows)
+            labels.append(y)
+        data = np.concatenate(rows_list).astype(np.uint8, copy=False)
         y = np.concatenate(labels) - 1  # 1-based -> 0-based
         if y.min() < 0 or y.max() >= self.num_classes:
             raise DatasetFormatError(f"{self.name}: labels outside 1..{self.num_classes}")
@@ -480,17 +587,13 @@ class ImageNet32DataModule(LabelledImageDataModule):
         return images, torch.from_numpy(y)
 
     def load(self) -> dict[str, tuple[Any, torch.Tensor]]:
-        missing = [f for f in self._files() if not (self.root / f).is_file()]
+        self.prepare_data()
+        paths = {n: self._locate(n) for n in self._names()}
+        missing = [n for n, p in paths.items() if p is None]
         if missing:
-            raise DatasetNotFoundError(
-                "ImageNet32 (downsampled, labelled)",
-                self.root,
-                expected=f"{', '.join(self._files()[:2])}, ... train_data_batch_"
-                f"{self.train_batches}.npz, val_data.npz (missing {', '.join(missing[:3])})",
-                source=self.URL,
-            )
-        train = self._read(self._files()[:-1])
-        return {"train": train, "test": self._read(["val_data.npz"])}
+            raise self._not_found(missing)
+        train = self._read([paths[n] for n in self._names()[:-1]])  # type: ignore[misc]
+        return {"train": train, "test": self._read([paths["val_data"]])}  # type: ignore[list-item]
 
     def reference_info(self, split: str = "train") -> dict[str, Any]:
         info = {**super().reference_info(split), "root": str(self.root.resolve())}

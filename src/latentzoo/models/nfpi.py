@@ -41,11 +41,16 @@ FPI_METHODS = ("nf_kld", "moments", "data_init")
 
 
 # ---------------------------------------------------------------------------------- the FPI
-def pairwise_kl(mu: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """KL(N_i ‖ N_j) for diagonal Gaussians, (k, k)."""
-    mi, mj = mu[:, None], mu[None]
-    vi, vj = v[:, None], v[None]
+def pairwise_kl(mu: torch.Tensor, v: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """KL(N_i ‖ N_j) for diagonal Gaussians, (k, k) (only the i in ``rows`` when given)."""
+    rows = rows if rows is not None else slice(None)
+    mi, mj = mu[rows, None], mu[None]
+    vi, vj = v[rows, None], v[None]
     return 0.5 * (vi / vj + (mj - mi) ** 2 / vj - 1 + torch.log(vj) - torch.log(vi)).sum(-1)
+
+
+def _kl_rows(mu: torch.Tensor, v: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    return pairwise_kl(mu, v, slice(start, start + rows))
 
 
 def kl_kernel(kl: torch.Tensor, exp_den_update: int = 1) -> torch.Tensor:
@@ -120,8 +125,11 @@ def fixed_point_iteration(
 
 
 def kl_summary(mu: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
-    """Min / max / mean pairwise KL (off-diagonal) between class Gaussians."""
-    kl = pairwise_kl(mu.double(), v.double())
+    """Min / max / mean pairwise KL (off-diagonal) between class Gaussians (rows in chunks of
+    about 64 MB, so 1000 ImageNet classes fit)."""
+    mu, v = mu.double(), v.double()
+    rows = max(1, 2**23 // (mu.shape[0] * mu.shape[1]))
+    kl = torch.cat([_kl_rows(mu, v, i, rows) for i in range(0, len(mu), rows)])
     off = kl[~torch.eye(len(kl), dtype=torch.bool, device=kl.device)]
     if off.numel() == 0:
         return {}
@@ -151,6 +159,9 @@ class NFPI(EMACheckpoint, LatentModel):
         isotropic_var_for_mean: use the mean variance in the μ update (CIFAR-10 configs).
         prior_fit_augment: gather the prior-fit latents with training augmentations (original).
         init_images: images for the data-dependent init (1024).
+        init_flow_from: checkpoint of an NFPI run (the ImageNet32 pre-training) whose raw flow
+            weights replace the data-initialised ones before the Gaussians are fitted, as the
+            release's ``nf_weights_load_path``; keys and shapes must match this flow.
         ema_decay, ema_power, ema_start_epoch: ema-pytorch schedule min(β, 1 − (1+t)^−p),
             updated every step from ``ema_start_epoch``; None disables the EMA.
         final_grid_temperatures: at the end of training, save ``images/final_samples_T<T>.png``
@@ -180,6 +191,7 @@ class NFPI(EMACheckpoint, LatentModel):
         prior_fit_augment: bool = True,
         prior_fit_max_batches: int | None = None,
         init_images: int = 1024,
+        init_flow_from: str | None = None,
         ema_decay: float | None = 0.9999,
         ema_power: float = 0.75,
         ema_start_epoch: int = 1,
@@ -229,11 +241,14 @@ class NFPI(EMACheckpoint, LatentModel):
 
     # ------------------------------------------------------------ pre/post-processing (§3)
     def preprocess(self, x: torch.Tensor, midpoint: bool | None = None) -> torch.Tensor:
-        """Images in [0, 1] (8-bit) -> dequantised y = 2·(255x + u)/256 − 1 in [-1, 1)."""
+        """Images in [0, 1] (8-bit) -> dequantised y = 2·(255x + u)/256 − 1 in [-1, 1).
+
+        255x is not rounded (as the release): the MNIST recipe's U(0, 0.05) pixel noise and
+        values above 1 must reach the flow."""
         if midpoint is None:
             midpoint = not self.training and self.dequant_eval == "midpoint"
         u = torch.full_like(x, 0.5) if midpoint else torch.rand_like(x)
-        return 2 * (torch.round(x * 255) + u) / 256 - 1
+        return 2 * (x * 255 + u) / 256 - 1
 
     @staticmethod
     def postprocess(y: torch.Tensor) -> torch.Tensor:
@@ -387,6 +402,8 @@ class NFPI(EMACheckpoint, LatentModel):
                 break
         x = torch.cat(images)[: self.hparams.init_images].to(self.device)
         self.flow.data_init(self.preprocess(x))
+        if self.hparams.get("init_flow_from"):
+            self.load_flow_weights(self.hparams.init_flow_from)
         # every rank ran the init on its own images: rank 0's values win
         self._broadcast([t for t in self.flow.state_dict().values() if t.is_floating_point()])
         if self.ema is not None:  # the average starts at the data-initialised flow
@@ -397,6 +414,31 @@ class NFPI(EMACheckpoint, LatentModel):
         self.prior_var.copy_(torch.ones_like(s).float() if self.identity_diag else s.float())
         self.prior_initialized.fill_(True)
         self._log_prior({}, to_logger=False)  # Lightning allows no self.log in on_fit_start
+
+    def load_flow_weights(self, path: str) -> None:
+        """Copy the raw flow weights (``flow.*``, not the EMA) of an NFPI checkpoint."""
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise LatentzooError(
+                f"model.init_flow_from={path}: no such checkpoint; pre-train with "
+                "experiment=nfpi_imagenet32 and pass its .ckpt"
+            )
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = state.get("state_dict", state)
+        flow = {k[len("flow.") :]: v for k, v in state.items() if k.startswith("flow.")}
+        own = self.flow.state_dict()
+        missing = sorted(set(own) - set(flow))
+        bad = sorted(k for k in set(own) & set(flow) if own[k].shape != flow[k].shape)
+        if missing or bad or len(flow) != len(own):
+            extra = sorted(set(flow) - set(own))
+            raise LatentzooError(
+                f"model.init_flow_from={path}: its flow does not match this one (missing "
+                f"{missing[:3]}, unexpected {extra[:3]}, other shapes {bad[:3]}); use the same "
+                "model.flow settings (attention included) as the pre-training"
+            )
+        self.flow.load_state_dict(flow)
+        log.info(f"NFPI: flow weights loaded from {path}")
 
     def on_train_epoch_end(self) -> None:
         epoch = self.current_epoch
@@ -412,13 +454,17 @@ class NFPI(EMACheckpoint, LatentModel):
     @torch.no_grad()
     def gather_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Class mean m and per-dimension variance s of z over the training data ("prior_fit"
-        pass; with training augmentations unless ``prior_fit_augment`` is false), float64."""
+        pass; with training augmentations unless ``prior_fit_augment`` is false), float64.
+        Labelled datamodules choose the images (``data.prior_fit_items_per_class``: the training
+        subset by default, as the release configs)."""
         datamodule = self.trainer.datamodule
-        loader = (
-            datamodule.train_dataloader()
-            if self.hparams.prior_fit_augment
-            else datamodule.reference_dataloader("train", batch_size=datamodule.batch_size)
-        )
+        augment = self.hparams.prior_fit_augment
+        if hasattr(datamodule, "prior_fit_dataloader"):  # the set the release fits on (data docs)
+            loader = datamodule.prior_fit_dataloader(augment, batch_size=datamodule.batch_size)
+        elif augment:
+            loader = datamodule.train_dataloader()
+        else:
+            loader = datamodule.reference_dataloader("train", batch_size=datamodule.batch_size)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         k, d = self.num_classes, self.dims
         count = torch.zeros(k, dtype=torch.float64, device=self.device)
