@@ -448,6 +448,7 @@ def test_eval_py_metrics_fid_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "eval"
     overrides = [
         f"ckpt_path={tmp_path / 'tiny.ckpt'}",
+        "trust_checkpoint=true",  # its model class is this test module's
         "metrics=fid",
         "test_loop=false",
         "num_samples=64",
