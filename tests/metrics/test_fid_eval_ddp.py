@@ -38,6 +38,7 @@ def test_eval_fid_under_ddp_sim_equals_one_process(tmp_path: Path) -> None:
     torch.save(checkpoint, tmp_path / "tiny.ckpt")
     common = [
         f"ckpt_path={tmp_path / 'tiny.ckpt'}",
+        "trust_checkpoint=true",  # its model class is a test module's
         "metrics=[fid,nfe]",
         "test_loop=false",
         "num_samples=70",
