@@ -138,7 +138,9 @@ def test_cache_latents_mistake_is_one_line(overrides, cause, tmp_path: Path) -> 
     )
     assert_refused(result, cause)
     assert not out.exists()  # nothing encoded, no half-written cache
-    assert_only_failure_records(tmp_path / "logs")
+    logs = tmp_path / "logs"
+    if logs.exists() and any(logs.iterdir()):  # refused in the task, not at composition
+        assert_only_failure_records(logs)
 
 
 # ---------------------------------------------------------------- with a trained checkpoint
