@@ -74,10 +74,17 @@ class Attempt:
 
 
 def run_and_kill(
-    run_dir: Path, overrides: list[str], kill: Kill, ckpt: Path | None = None, timeout=900
+    run_dir: Path,
+    overrides: list[str],
+    kill: Kill,
+    ckpt: Path | None = None,
+    timeout=900,
+    last_name: str = "last.ckpt",
 ) -> Attempt:
-    """Start a run (resuming from ``ckpt``), SIGKILL it as ``kill`` says; report what is left."""
-    last = run_dir / "checkpoints" / "last.ckpt"
+    """Start a run (resuming from ``ckpt``), SIGKILL it as ``kill`` says; report what is left.
+    ``last_name``: the run's own checkpoint in ``checkpoints/`` (an ensemble's is
+    ``ensemble_last.ckpt``)."""
+    last = run_dir / "checkpoints" / last_name
     seen = last.stat().st_mtime_ns if last.exists() else None
     start = time.monotonic()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,15 +216,17 @@ def kill_and_resume(
     overrides: list[str],
     kills: list[Kill],
     reference: dict[str, Any] | None = None,
+    last_name: str = "last.ckpt",
 ) -> ChaosResult:
     """Run killed at each of ``kills`` and resumed from last.ckpt after each; then to the end.
 
     ``steps_recomputed``: steps trained twice (the kill came after the step of last.ckpt).
     """
     result = ChaosResult()
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / "checkpoints" / last_name
     for kill in kills:
-        attempt = run_and_kill(run_dir, overrides, kill, ckpt=last if last.exists() else None)
+        resume = last if last.exists() else None
+        attempt = run_and_kill(run_dir, overrides, kill, ckpt=resume, last_name=last_name)
         result.attempts.append(attempt)
         if attempt.corrupt:
             raise RuntimeError(f"corrupt checkpoint after a kill: {last}")

@@ -150,6 +150,12 @@ class ResumableSampler(DistributedSampler):
         self.shuffle = shuffle
         self.epoch = 0
         self.start = 0  # first batch of the next pass (a resumed position)
+        # True: this stream ignores the process group (an ensemble member trains on one
+        # device even when the ensemble's members are spread over DDP ranks)
+        self.single_process = False
+
+    def rank_and_world(self) -> tuple[int, int]:
+        return (0, 1) if self.single_process else rank_and_world()
 
     def set_epoch(self, epoch: int) -> None:
         if int(epoch) != self.epoch:
@@ -169,7 +175,7 @@ class ResumableSampler(DistributedSampler):
         epoch, start = self.epoch, self.start
         # a pass without a set_epoch() call in between (plain loops) moves on to the next epoch
         self.epoch, self.start = epoch + 1, 0
-        rank, world = rank_and_world()
+        rank, world = self.rank_and_world()
         for i, batch in enumerate(self._batches(epoch, rank, world)):
             if i >= start:
                 yield batch
@@ -202,7 +208,7 @@ class ResumableBatchSampler(ResumableSampler):
         return -(-self.size // world)
 
     def __len__(self) -> int:
-        n = self._per_rank(rank_and_world()[1])
+        n = self._per_rank(self.rank_and_world()[1])
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _batches(self, epoch: int, rank: int, world: int) -> Iterator[SeededBatch]:

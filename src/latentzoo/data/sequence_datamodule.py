@@ -43,7 +43,6 @@ from latentzoo.data.datasets.sequence_datasets import SequenceBatches, SequenceD
 from latentzoo.data.resumable import (
     ResumableLoader,
     ResumableSampler,
-    rank_and_world,
     run_seed,
 )
 
@@ -81,7 +80,7 @@ class TrainSequenceSampler(ResumableSampler):
         super().__init__(shuffle=True)
 
     def __len__(self) -> int:
-        return -(-self.num_batches // rank_and_world()[1])
+        return -(-self.num_batches // self.rank_and_world()[1])
 
     def _batches(self, epoch: int, rank: int, world: int) -> Iterator[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch, rank])

@@ -319,28 +319,43 @@ class StackedEnsemble:
             for generator, state in zip(self.generators, streams, strict=True):
                 generator.load_state_dict(state)
 
-    # --- the ensemble checkpoint --------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    # --- the ensemble checkpoint: one entry per member, so that any split of the members over
+    # processes (trainer=ddp) saves and resumes the same file ------------------------------------
+    def member_state(self, k: int) -> dict[str, Any]:
+        """Everything member k's training needs to go on: its live weights and optimizer state
+        (a dropped member's frozen copy too), its noise streams, alive/dropped."""
         return {
-            "params": {n: t.detach().cpu() for n, t in self.params.items()},
-            "buffers": {n: t.detach().cpu() for n, t in self.buffers.items()},
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
-            "generators": [g.state_dict() for g in self.generators],
-            "alive": self.alive.clone(),
-            "dropped": dict(self.dropped),
-            "frozen": self._frozen,
+            "params": {n: t[k].detach().cpu().clone() for n, t in self.params.items()},
+            "buffers": {n: t[k].detach().cpu().clone() for n, t in self.buffers.items()},
+            "optimizers": [self._member_optimizer_state(i, k) for i in range(len(self.optimizers))],
+            "generators": self.generators[k].state_dict(),
+            "alive": bool(self.alive[k]),
+            "dropped": self.dropped.get(k),
+            "frozen": self._frozen.get(k),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_member_states(self, states: list[dict[str, Any]]) -> None:
+        """Restore every member from :meth:`member_state` entries (in member order)."""
+        if len(states) != self.num:
+            raise LatentzooError(f"ensemble: {len(states)} saved members for {self.num}")
         with torch.no_grad():
-            for name, value in state["params"].items():
-                self.params[name].copy_(value)
-            for name, value in state["buffers"].items():
-                self.buffers[name].copy_(value)
-        for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(saved)
-        for gen, saved in zip(self.generators, state["generators"], strict=True):
-            gen.load_state_dict(saved)
-        self.alive = state["alive"].clone()
-        self.dropped = dict(state["dropped"])
-        self._frozen = state["frozen"]
+            for name, stack in self.params.items():
+                stack.copy_(torch.stack([s["params"][name] for s in states]))
+            for name, stack in self.buffers.items():
+                stack.copy_(torch.stack([s["buffers"][name] for s in states]))
+        for i, opt in enumerate(self.optimizers):
+            saved = [s["optimizers"][i] for s in states]
+            stacked = {}
+            for index, first in saved[0]["state"].items():
+                stacked[index] = {
+                    key: torch.stack([m["state"][index][key] for m in saved]).to(self.device)
+                    if torch.is_tensor(value) and value.dim() > 0
+                    else value  # Adam's step count: one for all members (they step together)
+                    for key, value in first.items()
+                }
+            opt.load_state_dict({"state": stacked, "param_groups": saved[0]["param_groups"]})
+        for generator, state in zip(self.generators, states, strict=True):
+            generator.load_state_dict(state["generators"])
+        self.alive = torch.tensor([s["alive"] for s in states], dtype=torch.bool)
+        self.dropped = {k: s["dropped"] for k, s in enumerate(states) if s["dropped"]}
+        self._frozen = {k: s["frozen"] for k, s in enumerate(states) if s["frozen"]}

@@ -5,7 +5,8 @@
         ensemble.vary='{model.beta: [1, 2, 4, 8]}'
 
 Member k is *the* single run ``python train.py <same overrides> seed=<s_k> <key>=<v_k>``: its
-config is the run config with that seed and those values and no ensemble, and its run dir
+config is the run config with that seed and those values and no ensemble (and, when the ensemble
+spreads its members over several devices, one device: a member never spans devices), and its run dir
 (``<run>/members/seed_<s>``) holds that config and those overrides, so that eval, resume and
 ``collect`` read it as that run.
 """
@@ -32,17 +33,33 @@ SUPPORTED_MODELS = {
 }
 
 
+# what makes a multi-device run's config the config of a member's one-device single run
+ONE_DEVICE = {"trainer.devices": 1, "trainer.num_nodes": 1, "trainer.strategy": "auto"}
+
+
 @dataclass
 class Member:
-    """One member: its seed, its varied values (``{"model.beta": 4.0}``) and its config."""
+    """One member: its seed, its varied values (``{"model.beta": 4.0}``), its config and the
+    trainer settings that put its single run on one device (empty when the run already is)."""
 
     seed: int
     values: dict[str, Any] = field(default_factory=dict)
     cfg: DictConfig | None = None
+    one_device: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return f"seed_{self.seed}"
+
+
+def spans_devices(cfg: DictConfig) -> bool:
+    """Whether ``cfg.trainer`` runs on more than one device (trainer=ddp, devices=-1, ...)."""
+    trainer = cfg.trainer
+    return (
+        str(trainer.get("devices", 1)) != "1"
+        or int(trainer.get("num_nodes") or 1) != 1
+        or "ddp" in str(trainer.get("strategy") or "")
+    )
 
 
 def ensemble_requested(cfg: DictConfig) -> bool:
@@ -116,10 +133,12 @@ def members_of(cfg: DictConfig) -> list[Member]:
             raise LatentzooError(f"ensemble.vary.{key} must hold numbers, got {values}")
         if OmegaConf.select(cfg, key) is None and OmegaConf.select(cfg, key, default=0) == 0:
             raise LatentzooError(f"ensemble.vary.{key}: the model config has no key {key}")
+    one_device = ONE_DEVICE if spans_devices(cfg) else {}
     members = []
     for k, seed in enumerate(seeds):
         values = {key: vals[k] for key, vals in vary.items()}
-        members.append(Member(seed, values, member_config(cfg, seed, values)))
+        config = member_config(cfg, seed, {**values, **one_device})
+        members.append(Member(seed, values, config, dict(one_device)))
     return members
 
 
@@ -130,14 +149,18 @@ def member_config(cfg: DictConfig, seed: int, values: dict[str, Any]) -> DictCon
         member.seed = seed
         member.ensemble = None
         for key, value in values.items():
-            OmegaConf.update(member, key, value, merge=False)
+            OmegaConf.update(member, key, value, merge=False, force_add=True)
     return member
 
 
 def member_overrides(overrides: list[str], member: Member) -> list[str]:
     """The run's CLI overrides as the member's single run would have them: ``ensemble.*``
-    dropped, ``seed`` and each varied key set."""
-    own = {"seed": str(member.seed), **{k: str(v) for k, v in member.values.items()}}
+    dropped, ``seed``, each varied key and (for a multi-device ensemble) one device set."""
+    own = {
+        "seed": str(member.seed),
+        **{k: str(v) for k, v in member.values.items()},
+        **{k: str(v) for k, v in member.one_device.items()},
+    }
     kept = []
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")

@@ -13,9 +13,15 @@ Called from ``latentzoo.train.train`` when ``ensemble.seeds`` is set. Each membe
   training stream) that ``eval.py`` reads like any single run's.
 
 The ensemble itself checkpoints to ``<run>/checkpoints/ensemble_last.ckpt`` (every member's
-weights, optimizer moments, noise streams, loader positions, dropped members) on the
-``callbacks.model_checkpoint.every_n_train_steps`` cadence and at the end; ``resume=auto`` or
-``ckpt_path=<that file>`` continues it exactly.
+weights, optimizer moments, noise streams, loader positions, dropped members; one entry per
+member) on the ``callbacks.model_checkpoint.every_n_train_steps`` cadence and at the end;
+``resume=auto`` or ``ckpt_path=<that file>`` continues it exactly, on any number of devices.
+
+Several devices (``trainer=ddp``, ``trainer=ddp_sim``): the *members* are split over the ranks
+in contiguous blocks (Lightning Fabric launches the processes as the Trainer does). A member never
+spans devices, so member k is still ``train.py seed=s_k`` on one device (``data.batch_size`` and
+``data.global_batch_size`` are that single run's); the ranks do not talk while training, only
+when the ensemble checkpoint is gathered on rank 0 and when the final metrics are averaged.
 
 Not done per member (yet): validation during training, best-checkpoint selection, image and
 disentanglement callbacks; validation and test losses are computed once at the end.
@@ -30,7 +36,9 @@ from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
@@ -49,16 +57,18 @@ log = RankedLogger(__name__, rank_zero_only=True)
 ENSEMBLE_CKPT = "ensemble_last.ckpt"
 
 
+STRATEGIES = ("auto", "ddp", "single_device")  # what Fabric runs the members' split with
+
+
 def check_ensemble(cfg: DictConfig) -> list[Member]:
     """Refuse what the ensemble cannot do, before anything is built; the members."""
     members = members_of(cfg)
     trainer = cfg.trainer
-    devices = trainer.get("devices", 1)
-    multi = trainer.get("num_nodes", 1) != 1 or (devices not in (1, "1", "auto", None))
-    if multi or "ddp" in str(trainer.get("strategy", "")):
+    strategy = str(trainer.get("strategy") or "auto")
+    if strategy not in STRATEGIES:
         raise LatentzooError(
-            "ensemble training runs in one process on one device: drop trainer=ddp* (to use "
-            "several GPUs, run one ensemble per GPU with disjoint ensemble.seeds)"
+            f"ensemble training splits its members over devices with trainer.strategy=ddp; "
+            f"trainer.strategy={strategy} is not supported (use trainer=ddp or one device)"
         )
     if trainer.get("precision", "32-true") not in ("32-true", "32", 32):
         raise LatentzooError("ensemble training supports trainer.precision=32-true only")
@@ -69,13 +79,55 @@ def check_ensemble(cfg: DictConfig) -> list[Member]:
     return members
 
 
-def _device(cfg: DictConfig) -> torch.device:
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise LatentzooError("trainer.accelerator asks for a GPU but none is visible")
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
+def launch(cfg: DictConfig, num_members: int) -> L.Fabric:
+    """The processes of ``cfg.trainer`` (one, or one per device under DDP), launched."""
+    trainer = cfg.trainer
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise LatentzooError("trainer.accelerator asks for a GPU but none is visible")
+    fabric = L.Fabric(
+        accelerator=accelerator,
+        devices=trainer.get("devices") or "auto",
+        num_nodes=int(trainer.get("num_nodes") or 1),
+        strategy=str(trainer.get("strategy") or "auto"),
+        precision="32-true",
+    )
+    if fabric.world_size > num_members:
+        raise LatentzooError(
+            f"an ensemble of {num_members} members cannot fill {fabric.world_size} devices: give "
+            f"at least {fabric.world_size} seeds or fewer trainer.devices"
+        )
+    fabric.launch()
+    return fabric
+
+
+def member_block(num_members: int, rank: int, world: int) -> range:
+    """The members that ``rank`` trains: contiguous blocks, sizes differing by at most one."""
+    bounds = np.linspace(0, num_members, world + 1).round().astype(int)
+    return range(int(bounds[rank]), int(bounds[rank + 1]))
+
+
+def gather_to_rank_zero(items: list[Any]) -> list[Any]:
+    """Every rank's ``items``, concatenated in rank order, on rank 0 (``[]`` elsewhere)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, parts, dst=0)
+    return [item for part in parts or [] for item in part]
+
+
+def gather_to_all(items: list[Any]) -> list[Any]:
+    """Every rank's ``items``, concatenated in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def build_members(cfg: DictConfig, members: list[Member]) -> list[torch.nn.Module]:
@@ -94,7 +146,9 @@ class MemberLoaders:
         self.loaders = []
         for member in members:
             datamodule.seed = member.seed if data_seed is None else data_seed
-            self.loaders.append(datamodule.train_dataloader())
+            loader = datamodule.train_dataloader()
+            loader.sampler.single_process = True  # the member's own run is on one device
+            self.loaders.append(loader)
         self.batches_per_epoch = len(self.loaders[0])
         self.epoch = 0
         self._iters: list[Any] | None = None
@@ -123,11 +177,9 @@ class MemberLoaders:
             for loader in self.loaders:
                 loader.load_state_dict({"epoch": self.epoch, "consumed": 0})
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "loaders": [ld.state_dict() for ld in self.loaders]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for loader, saved in zip(self.loaders, state["loaders"], strict=True):
+    def load_state_dicts(self, states: list[dict[str, int]]) -> None:
+        """Restore every member's position (its loader's ``state_dict``)."""
+        for loader, saved in zip(self.loaders, states, strict=True):
             loader.load_state_dict(saved)
         self.epoch = self.loaders[0].sampler.pass_start()[0]  # a finished epoch moves on
         self._iters = None
@@ -147,11 +199,16 @@ def _save(path: Path, obj: dict[str, Any]) -> None:
 class EnsembleRun:
     """The ensemble's training loop, checkpoints and per-member outputs."""
 
-    def __init__(self, cfg: DictConfig, members: list[Member]) -> None:
+    def __init__(self, cfg: DictConfig, all_members: list[Member], fabric: L.Fabric) -> None:
         self.cfg = cfg
-        self.members = members
+        self.all_members = all_members
+        self.rank = fabric.global_rank
+        block = member_block(len(all_members), self.rank, fabric.world_size)
+        self.offset = block.start  # the ensemble index of this rank's first member
+        self.members = [all_members[k] for k in block]
+        members = self.members
         self.root = Path(cfg.paths.output_dir)
-        self.device = _device(cfg)
+        self.device = fabric.device
         set_matmul_precision(cfg.get("float32_matmul_precision"))
         data_cfg = resolve_batch_size(cfg.data, 1)
         self.datamodule = hydra.utils.instantiate(data_cfg)
@@ -189,7 +246,7 @@ class EnsembleRun:
         from tqdm.auto import tqdm
 
         max_steps = int(self.cfg.trainer.max_steps)
-        show = bool(self.cfg.trainer.get("enable_progress_bar", True))
+        show = bool(self.cfg.trainer.get("enable_progress_bar", True)) and self.rank == 0
         bar = tqdm(total=max_steps, initial=self.step, disable=not show, desc="ensemble")
         while self.step < max_steps:
             images = _images(self.loaders.next(), self.device)
@@ -239,21 +296,27 @@ class EnsembleRun:
 
     # --- checkpoints --------------------------------------------------------------------------
     def save(self) -> None:
-        """The ensemble checkpoint, then every member's ``last.ckpt``."""
-        state = {
-            "ensemble": {
-                "seeds": [m.seed for m in self.members],
-                "values": [m.values for m in self.members],
-                "step": self.step,
-                "data": self.loaders.state_dict(),
-                "engine": self.ensemble.state_dict(),
-            },
-            "global_step": self.step,
-            CHECKPOINT_KEY: {"config": OmegaConf.to_container(self.cfg, resolve=True)},
-        }
-        _save(self.root / "checkpoints" / ENSEMBLE_CKPT, state)
+        """The ensemble checkpoint (gathered on rank 0), then every member's ``last.ckpt``."""
+        own = [
+            {
+                "seed": member.seed,
+                "values": member.values,
+                "data": self.loaders.loaders[k].state_dict(),
+                **self.ensemble.member_state(k),
+            }
+            for k, member in enumerate(self.members)
+        ]
+        entries = gather_to_rank_zero(own)
+        if self.rank == 0:
+            state = {
+                "ensemble": {"step": self.step, "epoch": self.loaders.epoch, "members": entries},
+                "global_step": self.step,
+                CHECKPOINT_KEY: {"config": OmegaConf.to_container(self.cfg, resolve=True)},
+            }
+            _save(self.root / "checkpoints" / ENSEMBLE_CKPT, state)
         for k, member in enumerate(self.members):
             _save(self.member_dir(member) / "checkpoints" / "last.ckpt", self.member_checkpoint(k))
+        _barrier()  # no rank runs ahead of a checkpoint that is not whole yet
 
     def member_checkpoint(self, k: int) -> dict[str, Any]:
         """Member k's ``last.ckpt`` in the single-run layout (keys Lightning and eval.py read)."""
@@ -278,8 +341,8 @@ class EnsembleRun:
                 }
             },
             "ensemble_member": {
-                "seeds": [m.seed for m in self.members],
-                "index": k,
+                "seeds": [m.seed for m in self.all_members],
+                "index": self.offset + k,
                 "data": loader_state,
             },
             CHECKPOINT_KEY: {
@@ -295,16 +358,22 @@ class EnsembleRun:
     def resume_from(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
         saved = state.get("ensemble")
-        if saved is None:
-            raise LatentzooError(f"{path} is not an ensemble checkpoint (no 'ensemble' entry)")
-        seeds = [m.seed for m in self.members]
-        if saved["seeds"] != seeds or saved["values"] != [m.values for m in self.members]:
+        if saved is None or "members" not in saved:
             raise LatentzooError(
-                f"{path} holds members {saved['seeds']} with values {saved['values']}, but this "
+                f"{path} is not an ensemble checkpoint of this latentzoo (no 'ensemble.members')"
+            )
+        entries = saved["members"]
+        seeds = [m.seed for m in self.all_members]
+        saved_seeds = [e["seed"] for e in entries]
+        saved_values = [e["values"] for e in entries]
+        if saved_seeds != seeds or saved_values != [m.values for m in self.all_members]:
+            raise LatentzooError(
+                f"{path} holds members {saved_seeds} with values {saved_values}, but this "
                 f"run asks for {seeds}: resume with the same ensemble settings"
             )
-        self.ensemble.load_state_dict(saved["engine"])
-        self.loaders.load_state_dict(saved["data"])
+        own = entries[self.offset : self.offset + len(self.members)]
+        self.ensemble.load_member_states(own)
+        self.loaders.load_state_dicts([entry["data"] for entry in own])
         self.step = int(saved["step"])
         log.info(f"Resumed the ensemble from {path} at step {self.step}")
 
@@ -339,7 +408,7 @@ class EnsembleRun:
             "best_model_path": None,
             "duration_s": round(time.time() - self.started, 3),
             "error": None if error is None else f"{type(error).__name__}: {error}",
-            "ensemble": {"seeds": [m.seed for m in self.members], "index": k},
+            "ensemble": {"seeds": [m.seed for m in self.all_members], "index": self.offset + k},
         }
         if dropped:
             record["status"] = "failed"
@@ -399,7 +468,8 @@ def train_ensemble(cfg: DictConfig, record: Any = None) -> tuple[dict[str, float
         f"Ensemble of {len(members)} {cfg.model._target_} members, seeds "
         f"{[m.seed for m in members]}"
     )
-    run = EnsembleRun(cfg, members)
+    fabric = launch(cfg, len(members))
+    run = EnsembleRun(cfg, members, fabric)
     if record is not None:
         record.trainer = _RecordView(run)
     resume = _resume_path(cfg, run.root)
@@ -420,10 +490,11 @@ def train_ensemble(cfg: DictConfig, record: Any = None) -> tuple[dict[str, float
         run.write_members("interrupted" if interrupted else "failed", error)
         raise
     run.write_members("completed")
-    keys = {key for logged in run.last_logged for key in logged}
+    logged = gather_to_all(run.last_logged)  # every member's, from every rank
+    keys = {key for member in logged for key in member}
     metrics = {
-        key: float(torch.tensor([m[key] for m in run.last_logged if key in m]).mean())
+        key: float(torch.tensor([m[key] for m in logged if key in m]).mean())
         for key in sorted(keys)
     }
-    metrics["ensemble/members_alive"] = float(run.ensemble.alive.sum())
+    metrics["ensemble/members_alive"] = float(sum(gather_to_all(run.ensemble.alive.tolist())))
     return metrics, {"cfg": cfg, "ensemble": run}
