@@ -47,7 +47,7 @@ from latentzoo.callbacks.randomness import rng_to_checkpoint
 from latentzoo.ensemble.engine import StackedEnsemble
 from latentzoo.ensemble.members import Member, member_overrides, members_of
 from latentzoo.utils.atomic import atomic_write, atomic_write_text
-from latentzoo.utils.checkpoint import CHECKPOINT_KEY
+from latentzoo.utils.checkpoint import CHECKPOINT_KEY, load_checkpoint, trusts_checkpoint
 from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision
 from latentzoo.utils.errors import LatentzooError
 from latentzoo.utils.logging import RankedLogger
@@ -356,7 +356,7 @@ class EnsembleRun:
         return cfg
 
     def resume_from(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path, trust=trusts_checkpoint(self.cfg))  # weights_only
         saved = state.get("ensemble")
         if saved is None or "members" not in saved:
             raise LatentzooError(
