@@ -131,6 +131,7 @@ def _train_stats(table):
     [
         (["model=nfpi", "data=proc_digits", "ensemble.seeds=[0,1]"], "not latentzoo.models.NFPI"),
         (["trainer=fsdp", "ensemble.seeds=[0,1]"], "strategy=fsdp is not supported"),
+        (["trainer=ddp_sim", "ensemble.seeds=[0]"], "1 members cannot fill 2 devices"),
         (["ensemble.seeds=[0,0]"], "repeated seeds"),
         (["ensemble.seeds='range(x)'"], "not understood"),
         (["ensemble.seeds=[0,1]", "+ensemble.vary.model.beta=[1]"], "1 values for 2 seeds"),

@@ -70,6 +70,9 @@ def check_ensemble(cfg: DictConfig) -> list[Member]:
             f"ensemble training splits its members over devices with trainer.strategy=ddp; "
             f"trainer.strategy={strategy} is not supported (use trainer=ddp or one device)"
         )
+    devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes") or 1)
+    if isinstance(devices, int) and devices > 0:  # -1 / "auto": counted at launch
+        _check_fills(len(members), devices * nodes)
     if trainer.get("precision", "32-true") not in ("32-true", "32", 32):
         raise LatentzooError("ensemble training supports trainer.precision=32-true only")
     if trainer.get("accumulate_grad_batches", 1) != 1:
@@ -92,13 +95,17 @@ def launch(cfg: DictConfig, num_members: int) -> L.Fabric:
         strategy=str(trainer.get("strategy") or "auto"),
         precision="32-true",
     )
-    if fabric.world_size > num_members:
-        raise LatentzooError(
-            f"an ensemble of {num_members} members cannot fill {fabric.world_size} devices: give "
-            f"at least {fabric.world_size} seeds or fewer trainer.devices"
-        )
+    _check_fills(num_members, fabric.world_size)
     fabric.launch()
     return fabric
+
+
+def _check_fills(num_members: int, world: int) -> None:
+    if world > num_members:
+        raise LatentzooError(
+            f"an ensemble of {num_members} members cannot fill {world} devices: give at least "
+            f"{world} seeds or fewer trainer.devices"
+        )
 
 
 def member_block(num_members: int, rank: int, world: int) -> range:

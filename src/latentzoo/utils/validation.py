@@ -424,6 +424,11 @@ def validate_train(cfg: DictConfig) -> None:
     the values of every group."""
     check_pair(cfg)
     validate_config(cfg)
+    from latentzoo.ensemble.members import ensemble_requested  # imports models: only when asked
+    from latentzoo.ensemble.run import check_ensemble
+
+    if ensemble_requested(cfg):
+        check_ensemble(cfg)
 
 
 def validate_eval(cfg: DictConfig) -> None:
