@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from latentzoo.ensemble.members import ensemble_argv
 from latentzoo.fid import build_parser as fid_parser
 from latentzoo.utils.compat import check_pair
 from tests.conftest import ROOT, compose_config
@@ -73,6 +74,8 @@ def hydra_call(words: list[str]) -> tuple[str, bool, list[str]] | None:
         args = [w for w in words[i + 1 :] if w != "..." and not w.startswith("<")]
         skip = {"-m", "--multirun", "--cfg", "job"}
         overrides = [_placeholders(a) for a in args if a not in skip and not a.startswith("--")]
+        if entry[1]:  # train.py reads the ensemble's shorthands as its own main() does
+            overrides = ensemble_argv(overrides)
         return entry[0], entry[1], overrides
     return None
 

@@ -5,6 +5,7 @@ Entry points: ``python train.py ...`` in the repo, or the ``latentzoo-train`` co
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from latentzoo.callbacks.checkpointing import stop_if_interrupted
 from latentzoo.callbacks.randomness import TrainingRandomness
 from latentzoo.callbacks.run_info import ResumeReport
 from latentzoo.ensemble import ensemble_requested, train_ensemble
+from latentzoo.ensemble.members import ensemble_argv
 from latentzoo.paths import config_dir, setup_project_root
 from latentzoo.utils import (
     RankedLogger,
@@ -154,6 +156,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console-script entry point (``latentzoo-train``)."""
     setup_project_root()
+    sys.argv = ensemble_argv(sys.argv)
     _hydra_main()
 
 

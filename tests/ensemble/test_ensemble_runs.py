@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from latentzoo.ensemble import members_of
+from latentzoo.ensemble.members import ensemble_argv
 from latentzoo.ensemble.run import check_ensemble
 from latentzoo.utils.errors import LatentzooError
 from tests.conftest import ROOT, compose_config
@@ -153,3 +154,24 @@ def test_range_seeds_and_member_configs():
     assert [m.seed for m in members] == [2, 3, 4]
     assert [m.cfg.model.beta for m in members] == [1, 2, 3]
     assert all(m.cfg.seed == m.seed and m.cfg.ensemble is None for m in members)
+
+
+@pytest.mark.parametrize(
+    ("shell_word", "hydra_word"),
+    [
+        ("ensemble.seeds=range(10)", "ensemble.seeds='range(10)'"),
+        ("ensemble.seeds=range(2,5)", "ensemble.seeds='range(2,5)'"),
+        ("ensemble.seeds=[0,1]", "ensemble.seeds=[0,1]"),
+        ("ensemble.vary.model.beta=[1,2]", "+ensemble.vary.model.beta=[1,2]"),
+        ("+ensemble.vary.model.beta=[1,2]", "+ensemble.vary.model.beta=[1,2]"),
+        ("seed=range(3)", "seed=range(3)"),  # a sweep of single runs stays a sweep
+    ],
+)
+def test_ensemble_shorthands_on_the_command_line(shell_word, hydra_word):
+    assert ensemble_argv(["train.py", shell_word]) == ["train.py", hydra_word]
+
+
+def test_ensemble_shorthands_compose():
+    words = ["ensemble.seeds=range(2,4)", "ensemble.vary.model.beta=[1,8]"]
+    members = members_of(compose_config("train", ensemble_argv(words)))
+    assert [(m.seed, m.cfg.model.beta) for m in members] == [(2, 1), (3, 8)]

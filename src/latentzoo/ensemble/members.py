@@ -62,6 +62,21 @@ def spans_devices(cfg: DictConfig) -> bool:
     )
 
 
+def ensemble_argv(argv: list[str]) -> list[str]:
+    """The ensemble's command-line forms that Hydra alone would refuse, made Hydra's own:
+    ``ensemble.seeds=range(10)`` (Hydra takes ``range()`` for a sweep and asks for
+    ``--multirun``) becomes the string ``'range(10)'``, and ``ensemble.vary.model.beta=[...]``
+    (a new key under ``vary``) gets its ``+``."""
+    seed_range = re.compile(r"^(\+?ensemble\.seeds=)(range\([^)]*\))$")
+    out = []
+    for arg in argv:
+        arg = seed_range.sub(r"\1'\2'", arg)
+        if arg.startswith("ensemble.vary.") and "=" in arg:
+            arg = f"+{arg}"
+        out.append(arg)
+    return out
+
+
 def ensemble_requested(cfg: DictConfig) -> bool:
     ensemble = cfg.get("ensemble")
     return ensemble is not None and ensemble.get("seeds") is not None
