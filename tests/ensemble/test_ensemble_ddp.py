@@ -30,12 +30,13 @@ def member_state(root, seed) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=False)
 
 
-def test_members_split_over_ranks_are_the_single_runs(tmp_path):
-    overrides = [*TINY_RUN, *model_overrides("beta_tcvae"), *DDP]
+@pytest.mark.parametrize("model", ["beta_vae", "beta_tcvae", "factor_vae", "lie_vae"])
+def test_members_split_over_ranks_are_the_single_runs(tmp_path, model):
+    overrides = [*TINY_RUN, *model_overrides(model), *DDP]
     result = run_cli("train.py", *overrides, f"hydra.run.dir={tmp_path / 'ddp'}")
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = tmp_path / "ddp"
-    one_process = run(tmp_path / "one", [*model_overrides("beta_tcvae"), f"ensemble.seeds={SEEDS}"])
+    one_process = run(tmp_path / "one", [*model_overrides(model), f"ensemble.seeds={SEEDS}"])
     for seed in SEEDS:
         ours = weights(member_dir(ddp, seed) / "checkpoints" / "last.ckpt")
         reference = weights(member_dir(one_process, seed) / "checkpoints" / "last.ckpt")
