@@ -38,11 +38,13 @@ from omegaconf import DictConfig, OmegaConf
 from latentzoo.callbacks.randomness import rng_to_checkpoint
 from latentzoo.ensemble.engine import StackedEnsemble
 from latentzoo.ensemble.members import Member, member_overrides, members_of
+from latentzoo.ensemble.single_run_state import loader_position, single_run_training_state
 from latentzoo.utils.atomic import atomic_write, atomic_write_text
 from latentzoo.utils.checkpoint import CHECKPOINT_KEY
 from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision
 from latentzoo.utils.errors import LatentzooError
 from latentzoo.utils.logging import RankedLogger
+from latentzoo.utils.safe_load import to_plain
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
@@ -262,14 +264,22 @@ class EnsembleRun:
         step = dropped["step"] if dropped else self.step
         generators = self.ensemble.generators[k]
         loader_state = self.loaders.loaders[k].state_dict()
+        if dropped:  # its weights stopped at that step: so do its position and noise stream
+            loader_state = loader_position(step, self.loaders.batches_per_epoch)
+            generators = self.ensemble._frozen[k].get("noise", generators)
         return {
-            "epoch": self.loaders.epoch,
-            "global_step": step,
+            # step, epoch and the loops' progress, as train.py seed=s's cadence save writes them
+            **single_run_training_state(
+                step,
+                loader_state,
+                self.loaders.batches_per_epoch,
+                self.ensemble.models[k].automatic_optimization,
+            ),
             "pytorch-lightning_version": L.__version__,
             "state_dict": self.ensemble.member_state_dict(k),
             "optimizer_states": self.ensemble.member_optimizer_states(k),
             "lr_schedulers": [],
-            "hyper_parameters": dict(self.ensemble.models[k].hparams),
+            "hyper_parameters": to_plain(dict(self.ensemble.models[k].hparams)),  # as ckpt IO does
             "callbacks": {
                 "TrainingRandomness": {
                     "seed": member.seed,
