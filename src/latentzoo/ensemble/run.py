@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from latentzoo.callbacks.randomness import rng_to_checkpoint
 from latentzoo.ensemble.engine import StackedEnsemble
 from latentzoo.ensemble.members import Member, member_overrides, members_of
+from latentzoo.ensemble.noise import MemberGenerators
 from latentzoo.ensemble.single_run_state import loader_position, single_run_training_state
 from latentzoo.utils.atomic import atomic_write, atomic_write_text
 from latentzoo.utils.checkpoint import CHECKPOINT_KEY
@@ -266,7 +267,10 @@ class EnsembleRun:
         loader_state = self.loaders.loaders[k].state_dict()
         if dropped:  # its weights stopped at that step: so do its position and noise stream
             loader_state = loader_position(step, self.loaders.batches_per_epoch)
-            generators = self.ensemble._frozen[k].get("noise", generators)
+            noise = self.ensemble._frozen[k].get("noise")  # the streams before that step
+            if noise is not None:
+                generators = MemberGenerators(member.seed)
+                generators.load_state_dict(noise)
         return {
             # step, epoch and the loops' progress, as train.py seed=s's cadence save writes them
             **single_run_training_state(
