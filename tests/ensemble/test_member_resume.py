@@ -14,10 +14,21 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from latentzoo.ensemble import run as ensemble_run
 from latentzoo.ensemble.run import _images
-from tests.ensemble.helpers import STEPS, load, max_diff, member_ckpt, model_overrides, run
+from latentzoo.train import train
+from tests.conftest import compose_config
+from tests.ensemble.helpers import (
+    STEPS,
+    TINY_RUN,
+    load,
+    max_diff,
+    member_ckpt,
+    model_overrides,
+    run,
+)
 
 ATOL = 1e-4
 SEED = 1  # the second member: its index and its seed are both told apart from member 0's
@@ -48,7 +59,8 @@ def test_a_member_checkpoint_holds_the_single_runs_training_state(tmp_path, mode
     """The member's loops, step, epoch and noise stream equal those of the single run's
     ``last.ckpt`` saved by the step cadence after the same steps."""
     overrides = model_overrides(model)
-    ens = load(member_ckpt(run(tmp_path / "ens", [*overrides, "ensemble.seeds=[0,1]"]), SEED))
+    ens_dir = run(tmp_path / "ens", [*overrides, "ensemble.seeds=[0,1]"])
+    ens = load(member_ckpt(ens_dir, SEED))
     cadence = f"callbacks.model_checkpoint.every_n_train_steps={STEPS}"
     single_dir = run(tmp_path / "single", [*overrides, f"seed={SEED}", cadence])
     single = load(single_dir / "checkpoints" / "last.ckpt")
@@ -58,6 +70,9 @@ def test_a_member_checkpoint_holds_the_single_runs_training_state(tmp_path, mode
     theirs = single["callbacks"]["TrainingRandomness"]
     assert (ours["seed"], ours["world_size"]) == (theirs["seed"], theirs["world_size"])
     assert torch.equal(ours["rng"][0]["torch"], theirs["rng"][0]["torch"])
+    assert ens["callbacks"].keys() == single["callbacks"].keys()  # the same checkpoint callback
+    saver = next(key for key in single["callbacks"] if key.startswith("Checkpoints"))
+    assert ens["callbacks"][saver]["last_model_path"] == str(member_ckpt(ens_dir, SEED))
 
 
 @pytest.mark.slow
@@ -114,3 +129,42 @@ def test_a_dropped_members_checkpoint_is_its_single_run_at_the_failing_step(
     resumed = load(resumed_dir / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == straight["global_step"] == 2 * STEPS
     assert max_diff(resumed["state_dict"], straight["state_dict"]) < ATOL
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_an_interrupted_member_as_its_single_run(tmp_path, monkeypatch):
+    """The ensemble is stopped (Ctrl-C) after step 3 of 6; ``train.py <the member's
+    overrides.yaml> resume=auto`` in the member's dir finds its ``last.ckpt`` and finishes it
+    as the single run, which then equals the straight single run."""
+    calls = iter(range(10**6))
+
+    def interrupted(batches, device):
+        if next(calls) == STEPS:
+            raise KeyboardInterrupt
+        return _images(batches, device)
+
+    monkeypatch.setattr(ensemble_run, "_images", interrupted)
+    common = [*model_overrides("beta_vae"), f"trainer.max_steps={2 * STEPS}"]
+    cadence = f"callbacks.model_checkpoint.every_n_train_steps={STEPS}"
+    ens_overrides = [*common, cadence, "ensemble.seeds=[0,1]"]
+    hydra_dir = tmp_path / "ens" / ".hydra"  # what the CLI writes before the task runs
+    hydra_dir.mkdir(parents=True)
+    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump([*TINY_RUN, *ens_overrides]))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "ens", ens_overrides)
+    monkeypatch.undo()
+    member = member_ckpt(tmp_path / "ens", SEED).parents[1]
+    assert json.loads((member / "metrics.json").read_text())["status"] == "interrupted"
+    assert load(member_ckpt(tmp_path / "ens", SEED))["global_step"] == STEPS
+
+    overrides = yaml.safe_load((member / ".hydra" / "overrides.yaml").read_text())
+    train(compose_config("train", [*overrides, "resume=auto"], member))
+    assert [p.name for p in (member / "checkpoints").iterdir()] == ["last.ckpt"]  # no -v1
+    resumed = load(member / "checkpoints" / "last.ckpt")
+    straight = load(
+        run(tmp_path / "straight", [*common, f"seed={SEED}"]) / "checkpoints" / "last.ckpt"
+    )
+    assert resumed["global_step"] == straight["global_step"] == 2 * STEPS
+    assert max_diff(resumed["state_dict"], straight["state_dict"]) < ATOL
+    history = json.loads((member / "resume.json").read_text())
+    assert json.loads((member / "metrics.json").read_text())["status"] == "completed", history

@@ -39,7 +39,11 @@ from latentzoo.callbacks.randomness import rng_to_checkpoint
 from latentzoo.ensemble.engine import StackedEnsemble
 from latentzoo.ensemble.members import Member, member_overrides, members_of
 from latentzoo.ensemble.noise import MemberGenerators
-from latentzoo.ensemble.single_run_state import loader_position, single_run_training_state
+from latentzoo.ensemble.single_run_state import (
+    checkpoint_callback_states,
+    loader_position,
+    single_run_training_state,
+)
 from latentzoo.utils.atomic import atomic_write, atomic_write_text
 from latentzoo.utils.checkpoint import CHECKPOINT_KEY
 from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision
@@ -264,9 +268,10 @@ class EnsembleRun:
         dropped = self.ensemble.dropped.get(k)
         step = dropped["step"] if dropped else self.step
         generators = self.ensemble.generators[k]
-        loader_state = self.loaders.loaders[k].state_dict()
-        if dropped:  # its weights stopped at that step: so do its position and noise stream
-            loader_state = loader_position(step, self.loaders.batches_per_epoch)
+        # its single run's loader after `step` batches (a dropped member's stopped there; a
+        # Ctrl-C between a batch's fetch and its step leaves the live loaders one ahead)
+        loader_state = loader_position(step, self.loaders.batches_per_epoch)
+        if dropped:  # its weights stopped at that step: so does its noise stream
             noise = self.ensemble._frozen[k].get("noise")  # the streams before that step
             if noise is not None:
                 generators = MemberGenerators(member.seed)
@@ -289,7 +294,10 @@ class EnsembleRun:
                     "seed": member.seed,
                     "world_size": 1,
                     "rng": [rng_to_checkpoint(generators.single_run_stream())],
-                }
+                },
+                **checkpoint_callback_states(
+                    self.member_cfg(member), self.member_dir(member) / "checkpoints" / "last.ckpt"
+                ),
             },
             "ensemble_member": {
                 "seeds": [m.seed for m in self.members],

@@ -24,19 +24,28 @@ set here, to the values the loops hold at that hook (see ``loops/training_epoch_
   each epoch start), the manual optimisation's (FactorVAE, two optimizers but one counted step
   per batch, like its single run's ``global_step``) ``n`` in both.
 
+The checkpoint callbacks' states (``checkpoint_callback_states``) say which ``last.ckpt`` is
+theirs: a single run continuing in the member's dir (``resume=auto``) then refreshes that file
+instead of writing ``last-v1.ckpt`` beside it.
+
 The validation, test and prediction counters are zero: the ensemble does not validate during
 training, and those counters do not steer where training resumes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import hydra
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loops import _EvaluationLoop, _FitLoop, _PredictionLoop
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 
 from latentzoo.utils.errors import LatentzooError
+from latentzoo.utils.resume import _is_model_checkpoint
 
 
 class _Position:
@@ -122,3 +131,21 @@ def _count(tracker: Any, **counts: int) -> None:
 
 def _evaluation(fn: TrainerFn, stage: RunningStage) -> dict[str, Any]:
     return _EvaluationLoop(None, fn, stage, inference_mode=True).state_dict()  # type: ignore[arg-type]
+
+
+def checkpoint_callback_states(cfg: Any, last: Path) -> dict[str, Any]:
+    """``checkpoint["callbacks"]`` entries of the single run's checkpoint callbacks (those of
+    ``cfg.callbacks`` that are ``ModelCheckpoint``s), as they stand once ``last`` was saved: no
+    best checkpoints (the ensemble ranks none), ``last`` as the ``last.ckpt`` of the callback
+    that keeps it in ``last``'s folder."""
+    states = {}
+    for callback_cfg in (cfg.get("callbacks") or {}).values():
+        if not isinstance(callback_cfg, Mapping) or not _is_model_checkpoint(
+            callback_cfg.get("_target_")
+        ):
+            continue
+        callback: ModelCheckpoint = hydra.utils.instantiate(callback_cfg)
+        if callback.save_last and callback.dirpath and Path(callback.dirpath) == last.parent:
+            callback.last_model_path = str(last)
+        states[callback.state_key] = callback.state_dict()
+    return states
