@@ -8,6 +8,21 @@ of a single run whose ``last.ckpt`` was saved by the step cadence (``Checkpoints
 ``on_train_batch_end``) after the same number of steps: from that state the single run continues
 exactly as if it had never stopped.
 
+Why the cadence form: a single run's ``last.ckpt`` written after fit ends off the cadence
+(``save_final_last``) counts the running epoch as completed, and Lightning resumes it at the
+next epoch's first batch, not where the uninterrupted run would go on. A member always writes
+the cadence form, so resuming it continues the epoch, as ``train.py seed=s`` run straight does.
+
+**Dropped members** (a non-finite loss at step ``d``) write the state their single run had
+before step ``d``: the weights and optimizer of that moment (the engine's snapshot), step ``d``,
+the loader at batch ``d`` and the noise streams from before step ``d``. That is what a failed
+single run leaves to resume from (its last finite save is at or before ``d``): resumed, it
+replays step ``d`` with the same weights, data and noise, so a deterministic cause fails it
+there again (``NonFiniteLossError``, as the single run), and with the cause gone it continues
+as the single run would have (tested with a NaN batch). The noise streams from before step
+``d`` come from the engine's snapshot at the drop; a snapshot without them (an older ensemble
+checkpoint) leaves the member's current streams, which do not resume exactly.
+
 The dict is produced by Lightning's own loop objects (``_FitLoop`` and the evaluation and
 prediction loops, as ``_CheckpointConnector`` collects them); only their progress counters are
 set here, to the values the loops hold at that hook (see ``loops/training_epoch_loop.py``):
