@@ -51,8 +51,17 @@ def run(tmp: Path, overrides: list[str]) -> Path:
     return tmp
 
 
+def load(ckpt: Path) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)
+
+
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return load(ckpt)["state_dict"]
+
+
+def member_ckpt(root: Path, seed: int) -> Path:
+    """Where member ``seed`` of the ensemble run in ``root`` keeps its ``last.ckpt``."""
+    return root / "members" / f"seed_{seed}" / "checkpoints" / "last.ckpt"
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

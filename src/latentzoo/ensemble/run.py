@@ -46,11 +46,18 @@ from omegaconf import DictConfig, OmegaConf
 from latentzoo.callbacks.randomness import rng_to_checkpoint
 from latentzoo.ensemble.engine import StackedEnsemble
 from latentzoo.ensemble.members import Member, member_overrides, members_of
+from latentzoo.ensemble.noise import MemberGenerators
+from latentzoo.ensemble.single_run_state import (
+    checkpoint_callback_states,
+    loader_position,
+    single_run_training_state,
+)
 from latentzoo.utils.atomic import atomic_write, atomic_write_text
 from latentzoo.utils.checkpoint import CHECKPOINT_KEY, load_checkpoint, trusts_checkpoint
 from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision
 from latentzoo.utils.errors import LatentzooError
 from latentzoo.utils.logging import RankedLogger
+from latentzoo.utils.safe_load import to_plain
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
@@ -331,21 +338,36 @@ class EnsembleRun:
         dropped = self.ensemble.dropped.get(k)
         step = dropped["step"] if dropped else self.step
         generators = self.ensemble.generators[k]
-        loader_state = self.loaders.loaders[k].state_dict()
+        # its single run's loader after `step` batches (a dropped member's stopped there; a
+        # Ctrl-C between a batch's fetch and its step leaves the live loaders one ahead)
+        loader_state = loader_position(step, self.loaders.batches_per_epoch)
+        if dropped:  # its weights stopped at that step: so does its noise stream
+            noise = self.ensemble._frozen[k].get("noise")  # the streams before that step
+            if noise is not None:
+                generators = MemberGenerators(member.seed)
+                generators.load_state_dict(noise)
         return {
-            "epoch": self.loaders.epoch,
-            "global_step": step,
+            # step, epoch and the loops' progress, as train.py seed=s's cadence save writes them
+            **single_run_training_state(
+                step,
+                loader_state,
+                self.loaders.batches_per_epoch,
+                self.ensemble.models[k].automatic_optimization,
+            ),
             "pytorch-lightning_version": L.__version__,
             "state_dict": self.ensemble.member_state_dict(k),
             "optimizer_states": self.ensemble.member_optimizer_states(k),
             "lr_schedulers": [],
-            "hyper_parameters": dict(self.ensemble.models[k].hparams),
+            "hyper_parameters": to_plain(dict(self.ensemble.models[k].hparams)),  # as ckpt IO does
             "callbacks": {
                 "TrainingRandomness": {
                     "seed": member.seed,
                     "world_size": 1,
                     "rng": [rng_to_checkpoint(generators.single_run_stream())],
-                }
+                },
+                **checkpoint_callback_states(
+                    self.member_cfg(member), self.member_dir(member) / "checkpoints" / "last.ckpt"
+                ),
             },
             "ensemble_member": {
                 "seeds": [m.seed for m in self.all_members],
