@@ -8,6 +8,8 @@ as ~lr·1e-2); the loop path (LieVAE) is bit-exact. Different seeds differ by > 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ import torch
 import yaml
 
 from latentzoo.ensemble import members_of
+from latentzoo.ensemble import run as ensemble_run
 from latentzoo.ensemble.members import ensemble_argv
 from latentzoo.ensemble.run import check_ensemble
 from latentzoo.utils.errors import LatentzooError
@@ -83,6 +86,31 @@ def test_ensemble_resume_is_exact(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), s
         half = weights(member_ckpt(first, s))
         assert max_diff(a, half) > 0  # the resumed half did train
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(tmp_path, monkeypatch):
+    common = [*model_overrides("beta_vae"), "ensemble.seeds=[0,1]", "trainer.max_steps=5"]
+    straight = run(tmp_path / "straight", common)
+    fetches, images = iter(range(10**6)), ensemble_run._images
+
+    def signalled_while_fetching(batches, device):
+        if next(fetches) == 2:  # the batch of step 3: the signal lands inside a step
+            os.kill(os.getpid(), signal.SIGINT)
+        return images(batches, device)
+
+    monkeypatch.setattr(ensemble_run, "_images", signalled_while_fetching)
+    with pytest.raises(KeyboardInterrupt, match="saved at step 3"):
+        run(tmp_path / "stopped", common)
+    monkeypatch.undo()
+    ckpt = tmp_path / "stopped" / "checkpoints" / "ensemble_last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+    record = json.loads((tmp_path / "stopped" / "members" / "seed_0" / "metrics.json").read_text())
+    assert record["status"] == "interrupted" and record["global_step"] == 3
+    resumed = run(tmp_path / "stopped", [*common, f"ckpt_path={ckpt}"])
+    for s in (0, 1):
+        a, b = weights(member_ckpt(straight, s)), weights(member_ckpt(resumed, s))
+        assert all(torch.equal(a[k], b[k]) for k in a), s
 
 
 @pytest.mark.slow

@@ -94,11 +94,6 @@ def test_a_member_resumed_across_an_epoch_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs StackedEnsemble to keep a dropped member's noise streams from before the "
-    "failing step (engine.py diff in the e-resume report); remove this mark with that diff",
-)
 @pytest.mark.parametrize("model", ["beta_vae", "factor_vae"])
 def test_a_dropped_members_checkpoint_is_its_single_run_at_the_failing_step(
     tmp_path, monkeypatch, model

@@ -203,6 +203,9 @@ class StackedEnsemble:
         """One optimizer step of every member on ``images`` [K, B, ...]; the terms [K]."""
         self.clock.global_step = step
         self.template.train()
+        # the noise streams before this step: a member dropped in it keeps its own (its
+        # last.ckpt then resumes at this step, as its single run's would)
+        self._noise_before_step = [g.state_dict() for g in self.generators]
         if self.is_factor_vae:
             return self._factor_vae_step(images, step)
         terms = self._run(lambda model, x: model.step(x, "train"), images)
@@ -272,6 +275,7 @@ class StackedEnsemble:
             self._frozen[k] = {
                 "params": {n: t[k].detach().clone() for n, t in self.params.items()},
                 "optim": [self._member_optimizer_state(i, k) for i in range(len(self.optimizers))],
+                "noise": self._noise_before_step[k],
             }
         self.alive &= finite
 

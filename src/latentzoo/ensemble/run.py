@@ -30,6 +30,7 @@ disentanglement callbacks; validation and test losses are computed once at the e
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from latentzoo.ensemble.single_run_state import (
     loader_position,
     single_run_training_state,
 )
+from latentzoo.ensemble.stopping import StopSignals
 from latentzoo.utils.atomic import atomic_write, atomic_write_text
 from latentzoo.utils.checkpoint import CHECKPOINT_KEY, load_checkpoint, trusts_checkpoint
 from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision
@@ -262,16 +264,21 @@ class EnsembleRun:
         max_steps = int(self.cfg.trainer.max_steps)
         show = bool(self.cfg.trainer.get("enable_progress_bar", True)) and self.rank == 0
         bar = tqdm(total=max_steps, initial=self.step, disable=not show, desc="ensemble")
-        while self.step < max_steps:
-            images = _images(self.loaders.next(), self.device)
-            terms = self.ensemble.training_step(images, self.step)
-            self.step += 1
-            bar.update(1)
-            if self.step % self.log_every == 0 or self.step == max_steps:
-                self._log({f"train/{k}": v for k, v in terms.items()}, self.step - 1)
-                bar.set_postfix(alive=int(self.ensemble.alive.sum()))
-            if self.save_every and self.step % int(self.save_every) == 0:
-                self.save()
+        with StopSignals() as stop:
+            while self.step < max_steps:
+                images = _images(self.loaders.next(), self.device)
+                terms = self.ensemble.training_step(images, self.step)
+                self.step += 1
+                bar.update(1)
+                if self.step % self.log_every == 0 or self.step == max_steps:
+                    self._log({f"train/{k}": v for k, v in terms.items()}, self.step - 1)
+                    bar.set_postfix(alive=int(self.ensemble.alive.sum()))
+                if self.save_every and self.step % int(self.save_every) == 0:
+                    self.save()
+                if stop.agreed(self.step):  # Ctrl-C / SIGTERM: save at this step boundary
+                    self.save()
+                    name = signal.Signals(stop.signum).name
+                    raise KeyboardInterrupt(f"{name}: stopped and saved at step {self.step}")
         bar.close()
 
     def _log(self, terms: dict[str, torch.Tensor], step: int) -> None:
@@ -476,7 +483,7 @@ def _hydra_overrides(root: Path) -> list[str]:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return list(HydraConfig.get().overrides.task)
+        return list(OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
     except ValueError:
         return []
 
@@ -513,9 +520,9 @@ def train_ensemble(cfg: DictConfig, record: Any = None) -> tuple[dict[str, float
             run.evaluate("test")
         run.save()
     except BaseException as error:
+        # a stop signal saved at a step boundary (fit); a second one, or one outside fit,
+        # keeps the last checkpoint: resume=auto continues from there
         interrupted = isinstance(error, KeyboardInterrupt)
-        if interrupted:  # Ctrl-C: keep the steps done; resume=auto continues from here
-            run.save()
         run.write_members("interrupted" if interrupted else "failed", error)
         raise
     run.write_members("completed")
