@@ -21,6 +21,7 @@ from latentzoo.ensemble import members_of
 from latentzoo.ensemble import run as ensemble_run
 from latentzoo.ensemble.members import ensemble_argv
 from latentzoo.ensemble.run import check_ensemble
+from latentzoo.utils.checkpoint_io import TrainingInterrupted
 from latentzoo.utils.errors import LatentzooError
 from tests.conftest import ROOT, compose_config
 from tests.ensemble.helpers import max_diff, model_overrides, run, weights
@@ -100,9 +101,10 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(tmp_path, monkeypat
         return images(batches, device)
 
     monkeypatch.setattr(ensemble_run, "_images", signalled_while_fetching)
-    with pytest.raises(KeyboardInterrupt, match="saved at step 3"):
+    with pytest.raises(TrainingInterrupted, match="SIGINT at global step 3") as stopped:
         run(tmp_path / "stopped", common)
     monkeypatch.undo()
+    assert stopped.value.code == 130  # 128 + SIGINT, as a single run exits
     ckpt = tmp_path / "stopped" / "checkpoints" / "ensemble_last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3
     record = json.loads((tmp_path / "stopped" / "members" / "seed_0" / "metrics.json").read_text())

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from latentzoo.ensemble.single_run_state import (
 from latentzoo.ensemble.stopping import StopSignals
 from latentzoo.utils.atomic import atomic_write, atomic_write_text
 from latentzoo.utils.checkpoint import CHECKPOINT_KEY, load_checkpoint, trusts_checkpoint
+from latentzoo.utils.checkpoint_io import TrainingInterrupted
 from latentzoo.utils.distributed import resolve_batch_size, set_matmul_precision
 from latentzoo.utils.errors import LatentzooError
 from latentzoo.utils.logging import RankedLogger
@@ -277,9 +279,16 @@ class EnsembleRun:
                     self.save()
                 if stop.agreed(self.step):  # Ctrl-C / SIGTERM: save at this step boundary
                     self.save()
-                    name = signal.Signals(stop.signum).name
-                    raise KeyboardInterrupt(f"{name}: stopped and saved at step {self.step}")
+                    self._stop(stop.signum)
         bar.close()
+
+    def _stop(self, signum: int) -> None:
+        """Exit 128 + signum after a signal's save, saying how to resume (as single runs do)."""
+        path = self.root / "checkpoints" / ENSEMBLE_CKPT
+        stopped = TrainingInterrupted(signal.Signals(signum).name, signum, str(path), self.step)
+        if self.rank == 0:
+            print(f"{stopped}. Resume with:\n  {stopped.resume_command}", file=sys.stderr)
+        raise stopped
 
     def _log(self, terms: dict[str, torch.Tensor], step: int) -> None:
         values = {k: v.detach().cpu().tolist() for k, v in terms.items()}
@@ -522,7 +531,7 @@ def train_ensemble(cfg: DictConfig, record: Any = None) -> tuple[dict[str, float
     except BaseException as error:
         # a stop signal saved at a step boundary (fit); a second one, or one outside fit,
         # keeps the last checkpoint: resume=auto continues from there
-        interrupted = isinstance(error, KeyboardInterrupt)
+        interrupted = isinstance(error, KeyboardInterrupt | TrainingInterrupted)
         run.write_members("interrupted" if interrupted else "failed", error)
         raise
     run.write_members("completed")
