@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.optim.lr_scheduler import LRScheduler
 
 from latentzoo.ensemble.noise import MemberGenerators, MemberNoise
 from latentzoo.utils.errors import LatentzooError
@@ -119,6 +120,8 @@ class StackedEnsemble:
         }
         self.vectorize = self._choose_vectorize(vectorize)
         self.optimizers = self._build_optimizers()
+        self.scheduler_interval = getattr(self.template, "scheduler_interval", "step")
+        self.schedulers = self._build_schedulers()
 
     # --- set-up -------------------------------------------------------------------------------
     def _choose_vectorize(self, vectorize: str) -> str:
@@ -142,11 +145,6 @@ class StackedEnsemble:
 
     def _build_optimizers(self) -> list[torch.optim.Optimizer]:
         model = self.template
-        if getattr(model, "scheduler_factory", None) is not None:
-            raise LatentzooError(
-                "ensemble training does not drive learning-rate schedulers yet; set "
-                "model.scheduler=null or train single runs"
-            )
         if self.is_factor_vae:
             vae = self._param_names(model.encoder, "encoder.") + self._param_names(
                 model.decoder, "decoder."
@@ -160,6 +158,34 @@ class StackedEnsemble:
         names = [name for name, _ in model.named_parameters()]
         self.groups = [names]
         return [model.optimizer_factory(params=[self.params[n] for n in names])]
+
+    def _build_schedulers(self) -> list[LRScheduler]:
+        """``model.scheduler`` on the (first) stacked optimizer, where the model's
+        ``configure_optimizers`` puts it in the single run. The members share that optimizer's
+        lr, and the lr of every single run follows the same schedule, so one scheduler stepped
+        at the single run's cadence (:meth:`step_schedulers`) gives every member its run's lr."""
+        factory = getattr(self.template, "scheduler_factory", None)
+        if factory is None:
+            return []
+        if self.scheduler_interval not in ("step", "epoch"):
+            raise LatentzooError(
+                f"model.scheduler_interval must be step or epoch, not {self.scheduler_interval}"
+            )
+        scheduler = factory(optimizer=self.optimizers[0])
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise LatentzooError(
+                "ensemble: ReduceLROnPlateau follows a monitored metric, which differs per member "
+                "while the members share one lr; use a fixed schedule or train single runs"
+            )
+        return [scheduler]
+
+    def step_schedulers(self, epoch_ended: bool) -> None:
+        """After a training step, as Lightning does: ``interval=step`` schedulers every step,
+        ``interval=epoch`` ones on the last batch of an epoch (FactorVAE steps its own the same
+        way in ``training_step``)."""
+        if self.scheduler_interval == "step" or epoch_ended:
+            for scheduler in self.schedulers:
+                scheduler.step()
 
     # --- the functional calls -----------------------------------------------------------------
     def _run(self, fn: Callable[..., Any], *batched: torch.Tensor) -> Any:
@@ -272,6 +298,7 @@ class StackedEnsemble:
             self._frozen[k] = {
                 "params": {n: t[k].detach().clone() for n, t in self.params.items()},
                 "optim": [self._member_optimizer_state(i, k) for i in range(len(self.optimizers))],
+                "schedulers": [copy.deepcopy(s.state_dict()) for s in self.schedulers],
             }
         self.alive &= finite
 
@@ -306,6 +333,14 @@ class StackedEnsemble:
             return frozen["optim"]
         return [self._member_optimizer_state(i, k) for i in range(len(self.optimizers))]
 
+    def member_scheduler_states(self, k: int) -> list[dict[str, Any]]:
+        """Member k's ``lr_schedulers`` entry of ``last.ckpt`` (the single-run layout: one
+        ``state_dict`` per scheduler); a dropped member's as it was when it stopped."""
+        frozen = self._frozen.get(k)
+        if frozen is not None:
+            return copy.deepcopy(frozen.get("schedulers", []))
+        return [copy.deepcopy(s.state_dict()) for s in self.schedulers]
+
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, stage: str) -> dict[str, torch.Tensor]:
@@ -325,6 +360,7 @@ class StackedEnsemble:
             "params": {n: t.detach().cpu() for n, t in self.params.items()},
             "buffers": {n: t.detach().cpu() for n, t in self.buffers.items()},
             "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
             "generators": [g.state_dict() for g in self.generators],
             "alive": self.alive.clone(),
             "dropped": dict(self.dropped),
@@ -339,6 +375,14 @@ class StackedEnsemble:
                 self.buffers[name].copy_(value)
         for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(saved)
+        schedulers = state.get("schedulers", [])
+        if len(schedulers) != len(self.schedulers):
+            raise LatentzooError(
+                f"the ensemble checkpoint holds {len(schedulers)} lr scheduler(s) but this run "
+                f"has {len(self.schedulers)}: resume with the same model.scheduler"
+            )
+        for scheduler, saved in zip(self.schedulers, schedulers, strict=True):
+            scheduler.load_state_dict(saved)
         for gen, saved in zip(self.generators, state["generators"], strict=True):
             gen.load_state_dict(saved)
         self.alive = state["alive"].clone()

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentzoo.callbacks.randomness import rng_to_checkpoint
 from latentzoo.ensemble.engine import StackedEnsemble
+from latentzoo.ensemble.extras import MemberExtras
 from latentzoo.ensemble.members import Member, member_overrides, members_of
 from latentzoo.utils.atomic import atomic_write, atomic_write_text
 from latentzoo.utils.checkpoint import CHECKPOINT_KEY
@@ -191,30 +192,37 @@ class EnsembleRun:
         max_steps = int(self.cfg.trainer.max_steps)
         show = bool(self.cfg.trainer.get("enable_progress_bar", True))
         bar = tqdm(total=max_steps, initial=self.step, disable=not show, desc="ensemble")
+        extras = MemberExtras(self)  # validation, disentanglement, lr schedulers per member
         while self.step < max_steps:
             images = _images(self.loaders.next(), self.device)
             terms = self.ensemble.training_step(images, self.step)
             self.step += 1
+            extras.after_step()
             bar.update(1)
             if self.step % self.log_every == 0 or self.step == max_steps:
                 self._log({f"train/{k}": v for k, v in terms.items()}, self.step - 1)
                 bar.set_postfix(alive=int(self.ensemble.alive.sum()))
+            extras.after_batch()
             if self.save_every and self.step % int(self.save_every) == 0:
                 self.save()
         bar.close()
+        extras.train_end()
 
-    def _log(self, terms: dict[str, torch.Tensor], step: int) -> None:
+    def _log(self, terms: dict[str, torch.Tensor], step: int, epoch: bool = True) -> None:
+        """One row per live member in its CSV (with the ``epoch`` column where Lightning adds
+        it: not to callback-logged scores), kept for its ``metrics.json``."""
         values = {k: v.detach().cpu().tolist() for k, v in terms.items()}
         for k, logger in enumerate(self.loggers):
             if not bool(self.ensemble.alive[k]) and k in self.ensemble.dropped:
                 continue  # its metrics stop where it stopped, as a failed single run's
             row = {name: float(v[k]) for name, v in values.items()}
-            logger.log_metrics({**row, "epoch": self.loaders.epoch}, step=step)
+            logger.log_metrics({**row, "epoch": self.loaders.epoch} if epoch else row, step=step)
             self.last_logged[k].update(row)
 
-    def evaluate(self, stage: str) -> None:
+    def evaluate(self, stage: str, step: int | None = None) -> None:
         """Mean ``<stage>/*`` terms of every member over the split (at most
-        ``trainer.limit_<stage>_batches`` batches), logged and kept for ``metrics.json``."""
+        ``trainer.limit_<stage>_batches`` batches), logged at ``step`` (default: the current
+        one) and kept for ``metrics.json``."""
         loader = getattr(self.datamodule, f"{stage}_dataloader")()
         limit = self.cfg.trainer.get(f"limit_{stage}_batches", 1.0)
         n_batches = len(loader)
@@ -235,7 +243,10 @@ class EnsembleRun:
                 sums[name] = sums.get(name, 0) + value.detach().cpu() * size
             count += size
         if count:
-            self._log({f"{stage}/{k}": v / count for k, v in sums.items()}, self.step)
+            self._log(
+                {f"{stage}/{k}": v / count for k, v in sums.items()},
+                self.step if step is None else step,
+            )
 
     # --- checkpoints --------------------------------------------------------------------------
     def save(self) -> None:
