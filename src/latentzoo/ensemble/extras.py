@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import hydra
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from omegaconf import DictConfig
 
 from latentzoo.metrics.ground_truth import DisentanglementCallback
@@ -33,12 +34,6 @@ if TYPE_CHECKING:
     from latentzoo.ensemble.run import EnsembleRun
 
 log = RankedLogger(__name__, rank_zero_only=True)
-
-# callbacks whose job the ensemble does itself (its own progress bar; last.ckpt on a cadence)
-_DONE_BY_THE_ENSEMBLE = (
-    "lightning.pytorch.callbacks.progress.ProgressBar",
-    "lightning.pytorch.callbacks.model_summary.ModelSummary",
-)
 
 
 class ValidationSchedule:
@@ -103,10 +98,10 @@ def member_callbacks(callbacks: DictConfig | None) -> list[tuple[str, Disentangl
         if cls is not None and issubclass(cls, DisentanglementCallback):
             found.append((name, hydra.utils.instantiate(node)))
             continue
-        bases = {f"{c.__module__}.{c.__qualname__}" for c in getattr(cls, "__mro__", ())}
-        if bases & set(_DONE_BY_THE_ENSEMBLE):
+        known = isinstance(cls, type)
+        if known and issubclass(cls, ProgressBar | ModelSummary):  # the ensemble has its own bar
             continue
-        if "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint" in bases:
+        if known and issubclass(cls, ModelCheckpoint):  # last.ckpt: EnsembleRun.save
             if node.get("monitor") and node.get("save_top_k", 1) != 0:
                 log.warning(
                     f"ensemble: callbacks.{name} keeps only last.ckpt per member (no best "
@@ -186,7 +181,9 @@ class MemberExtras:
             )
             for key, value in scores.items():
                 per_member.setdefault(key, [float("nan")] * ensemble.num)[k] = float(value)
-        return {key: torch.tensor(values, dtype=torch.float64) for key, values in per_member.items()}
+        return {
+            key: torch.tensor(values, dtype=torch.float64) for key, values in per_member.items()
+        }
 
 
 def member_module(run: EnsembleRun, k: int) -> Any:
