@@ -218,7 +218,7 @@ def assert_same_rows(ours: list, theirs: list, rel: float, abs_: float = 0.0) ->
 )
 def test_members_validate_score_and_schedule_as_their_single_runs(tmp_path, validation, val_steps):
     seeds = [0, 1]
-    common = [*model_overrides("beta_vae"), *EXTRAS, *validation]
+    common = [*model_overrides("beta_tcvae"), *EXTRAS, *validation]
     _, objects = train_run(tmp_path / "ens", [*common, f"ensemble.seeds={seeds}"])
     ensemble = objects["ensemble"].ensemble
     scores = {}

@@ -52,6 +52,9 @@ class _StepClock:
         self.global_step = 0
 
 
+_CPU = torch.device("cpu")
+
+
 def varied_attributes(models: list[nn.Module]) -> dict[str, list[float]]:
     """The scalar hyper-parameters (loss weights: β, γ, capacity, ...) that differ between
     members; the vectorised step hands each member its own value."""
@@ -102,6 +105,7 @@ class StackedEnsemble:
             model.to("cpu")
         self.generators = [MemberGenerators(seed) for seed in seeds]
         self.seeds = list(seeds)
+        self._in_side_streams = False
         self.alive = torch.ones(self.num, dtype=torch.bool)
         self.dropped: dict[int, dict[str, Any]] = {}  # member -> {step, loss}
         self._frozen: dict[int, dict[str, Any]] = {}  # member -> its last finite params/state
@@ -344,15 +348,37 @@ class StackedEnsemble:
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, stage: str) -> dict[str, torch.Tensor]:
-        """The model's ``step(x, stage)`` terms per member [K] (eval mode, no update)."""
-        streams = [g.state_dict() for g in self.generators]  # eval must not shift training
-        self.template.eval()
+        """The model's ``step(x, stage)`` terms per member [K] (eval mode, no update). Its draws
+        never shift training: outside :meth:`side_streams` the streams are restored at once."""
+        with contextlib.ExitStack() as stack:
+            if not self._in_side_streams:
+                stack.enter_context(self.side_streams())
+            self.template.eval()
+            try:
+                return self._run(lambda model, x: model.step(x, stage), images)
+            finally:
+                self.template.train()
+
+    @contextlib.contextmanager
+    def side_streams(self) -> Iterator[None]:
+        """A validation pass: its draws continue each member's training stream, one batch after
+        the other, as the single run's validation continues the global RNG; afterwards the
+        streams are put back, as ``TrainingRandomness`` puts the single run's back at the next
+        training batch."""
+        streams = [g.state_dict() for g in self.generators]
+        self._in_side_streams = True
         try:
-            return self._run(lambda model, x: model.step(x, stage), images)
+            yield
         finally:
-            self.template.train()
+            self._in_side_streams = False
             for generator, state in zip(self.generators, streams, strict=True):
                 generator.load_state_dict(state)
+
+    def draw_loader_seed(self) -> None:
+        """What creating a ``DataLoader`` iterator takes from the global CPU stream (its
+        ``_base_seed``), taken from each member's CPU stream."""
+        for generator in self.generators:
+            torch.empty((), dtype=torch.int64).random_(generator=generator.for_device(_CPU))
 
     # --- the ensemble checkpoint --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

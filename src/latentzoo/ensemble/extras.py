@@ -80,6 +80,13 @@ class ValidationSchedule:
         return epoch_batches_done % self.every == 0
 
 
+def loader_draws_seed(loader: Any) -> bool:
+    """Whether the single run's validation pass over ``loader`` takes a draw from the training
+    stream before its first batch: a ``DataLoader`` seeds each new iterator from the global CPU
+    generator; with persistent workers the iterator of the sanity check is reused instead."""
+    return isinstance(loader, torch.utils.data.DataLoader) and not loader.persistent_workers
+
+
 def _locate(target: str) -> type | None:
     try:
         return hydra.utils.get_class(target)

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentzoo.callbacks.randomness import rng_to_checkpoint
 from latentzoo.ensemble.engine import StackedEnsemble
-from latentzoo.ensemble.extras import MemberExtras
+from latentzoo.ensemble.extras import MemberExtras, loader_draws_seed
 from latentzoo.ensemble.members import Member, member_overrides, members_of
 from latentzoo.utils.atomic import atomic_write, atomic_write_text
 from latentzoo.utils.checkpoint import CHECKPOINT_KEY
@@ -232,16 +232,19 @@ class EnsembleRun:
             n_batches = int(n_batches * float(limit))
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        for i, batch in enumerate(loader):
-            if i >= n_batches:
-                break
-            x = batch[0] if isinstance(batch, list | tuple) else batch
-            images = x.unsqueeze(0).expand(len(self.members), *x.shape).to(self.device)
-            terms = self.ensemble.evaluate(images, stage)
-            size = x.shape[0]
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0) + value.detach().cpu() * size
-            count += size
+        with self.ensemble.side_streams():  # the pass draws as the single run's, then undone
+            if loader_draws_seed(loader):
+                self.ensemble.draw_loader_seed()
+            for i, batch in enumerate(loader):
+                if i >= n_batches:
+                    break
+                x = batch[0] if isinstance(batch, list | tuple) else batch
+                images = x.unsqueeze(0).expand(len(self.members), *x.shape).to(self.device)
+                terms = self.ensemble.evaluate(images, stage)
+                size = x.shape[0]
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0) + value.detach().cpu() * size
+                count += size
         if count:
             self._log(
                 {f"{stage}/{k}": v / count for k, v in sums.items()},
