@@ -137,6 +137,7 @@ def validated(s: ValidationSchedule, batches_per_epoch: int, steps: int) -> list
         ({"val_check_interval": 0.5, "check_val_every_n_epoch": 2}, [6, 8]),
         # Lightning's defaults: at the end of every epoch
         ({}, [4, 8]),
+        ({"val_check_interval": None, "check_val_every_n_epoch": None}, [4, 8]),
         ({"val_check_interval": 2, "limit_val_batches": 0}, []),
     ],
 )
@@ -245,3 +246,16 @@ def test_members_validate_score_and_schedule_as_their_single_runs(tmp_path, vali
         assert record["metrics"][key] == pytest.approx(theirs[key][-1][1], abs=1e-3)
         scores[s] = [v for _, v in theirs[key]]
     assert scores[0] != pytest.approx(scores[1], abs=1e-3)  # each member scores its own weights
+
+
+@pytest.mark.slow
+def test_factor_vae_scheduler_steps_the_vae_optimizer_as_its_single_run(tmp_path):
+    # FactorVAE optimises manually and steps its scheduler itself in training_step
+    common = [*model_overrides("factor_vae"), *EXTRAS[:4], "trainer.limit_val_batches=0"]
+    _, objects = train_run(tmp_path / "ens", [*common, "ensemble.seeds=[0,1]"])
+    ensemble = objects["ensemble"].ensemble
+    for k, s in enumerate([0, 1]):
+        train_run(tmp_path / f"s{s}", [*common, f"seed={s}"])
+        ckpt = torch.load(tmp_path / f"s{s}" / "checkpoints" / "last.ckpt", weights_only=False)
+        assert max_diff(ensemble.member_state_dict(k), ckpt["state_dict"]) < ATOL
+        assert ensemble.member_scheduler_states(k) == ckpt["lr_schedulers"]

@@ -44,8 +44,8 @@ class ValidationSchedule:
     def __init__(self, trainer: DictConfig, batches_per_epoch: int) -> None:
         limit = trainer.get("limit_val_batches", 1.0)
         self.enabled = limit is None or float(limit) > 0
-        interval = trainer.get("val_check_interval")
-        interval = 1.0 if interval is None else interval
+        given = trainer.get("val_check_interval")
+        interval = 1.0 if given is None else given  # null: the end of every epoch
         self.every_n_epochs = trainer.get("check_val_every_n_epoch", 1)
         if isinstance(interval, bool) or not isinstance(interval, int | float):
             raise LatentzooError(
@@ -61,7 +61,7 @@ class ValidationSchedule:
                 )
             self.every = interval
         else:
-            if self.every_n_epochs is None:  # Lightning refuses this too
+            if self.every_n_epochs is None and given is not None:  # Lightning refuses it too
                 raise LatentzooError(
                     f"trainer.val_check_interval={interval} is a fraction of an epoch; with "
                     "trainer.check_val_every_n_epoch=null give it as an integer number of steps"
