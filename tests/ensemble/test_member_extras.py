@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -164,14 +165,18 @@ def test_callbacks_not_run_per_member_are_named_once(caplog):
         "train", ["callbacks=disentanglement", "callbacks.disentanglement.metrics=[mig]"]
     )
     with caplog.at_level(logging.WARNING):
-        found = member_callbacks(cfg.callbacks)
-    assert [name for name, _ in found] == ["disentanglement"]
-    assert found[0][1].evaluate.metrics == ("mig",)
+        per_member = member_callbacks(cfg.callbacks)
+    assert [name for name, _ in per_member] == [  # in the single run's order
+        "reconstruction_grid",
+        "latent_traversal_grid",
+        "sample_grid",
+        "disentanglement",
+    ]
     warned = [r.getMessage() for r in caplog.records if "ensemble: callbacks." in r.getMessage()]
-    for name in ("learning_rate_monitor", "loss_report", "reconstruction_grid", "sample_grid"):
+    for name in ("learning_rate_monitor", "loss_report"):
         assert sum(f"callbacks.{name} " in line for line in warned) == 1, (name, warned)
     assert any("callbacks.model_checkpoint keeps only last.ckpt" in line for line in warned)
-    assert not any("rich_progress_bar" in line or "disentanglement" in line for line in warned)
+    assert len(warned) == 3, warned  # nothing about the bar, the scores or the grids
 
 
 # --- validation, disentanglement and a scheduler through the train task (slow) -------------------
@@ -183,7 +188,12 @@ EXTRAS = [
     "gamma:0.2}",
     "+callbacks.disentanglement={_target_:latentzoo.metrics.ground_truth.DisentanglementCallback,"
     "every_n_steps:3,preset:fast,seed:0,metrics:[mig],overrides:{mig:{num_train:200}}}",
+    "+callbacks.reconstruction_grid={_target_:latentzoo.callbacks.ReconstructionGrid,"
+    "dirpath:'${paths.output_dir}/images',every_n_steps:3,num_images:4}",
+    "+callbacks.sample_grid={_target_:latentzoo.callbacks.SampleGrid,"
+    "dirpath:'${paths.output_dir}/images',every_n_steps:3,num_images:4}",
 ]
+GRIDS = [f"{kind}_step{step:06d}.png" for kind in ("reconstructions", "samples") for step in (3, 6)]
 
 
 def train_run(out: Path, overrides: list[str]):
@@ -245,7 +255,20 @@ def test_members_validate_score_and_schedule_as_their_single_runs(tmp_path, vali
         record = json.loads((member / "metrics.json").read_text())
         assert record["metrics"][key] == pytest.approx(theirs[key][-1][1], abs=1e-3)
         scores[s] = [v for _, v in theirs[key]]
+        # the image grids: the single run's files, with its pixels
+        assert sorted(p.name for p in (member / "images").iterdir()) == sorted(GRIDS)
+        for name in GRIDS:
+            assert pixel_diff(member / "images" / name, single / "images" / name) <= 1
     assert scores[0] != pytest.approx(scores[1], abs=1e-3)  # each member scores its own weights
+    for name in GRIDS:  # and draws its own grids
+        assert pixel_diff(tmp_path / "s0" / "images" / name, tmp_path / "s1" / "images" / name) > 1
+
+
+def pixel_diff(a: Path, b: Path) -> int:
+    from PIL import Image
+
+    pixels = [torch.from_numpy(np.asarray(Image.open(p))).int() for p in (a, b)]
+    return int((pixels[0] - pixels[1]).abs().max())
 
 
 @pytest.mark.slow

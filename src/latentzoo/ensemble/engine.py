@@ -55,6 +55,12 @@ class _StepClock:
 _CPU = torch.device("cpu")
 
 
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cpu":
+        return torch.default_generator
+    return torch.cuda.default_generators[device.index or 0]
+
+
 def varied_attributes(models: list[nn.Module]) -> dict[str, list[float]]:
     """The scalar hyper-parameters (loss weights: β, γ, capacity, ...) that differ between
     members; the vectorised step hands each member its own value."""
@@ -105,7 +111,7 @@ class StackedEnsemble:
             model.to("cpu")
         self.generators = [MemberGenerators(seed) for seed in seeds]
         self.seeds = list(seeds)
-        self._in_side_streams = False
+        self._side_depth = 0  # open side_streams blocks
         self.alive = torch.ones(self.num, dtype=torch.bool)
         self.dropped: dict[int, dict[str, Any]] = {}  # member -> {step, loss}
         self._frozen: dict[int, dict[str, Any]] = {}  # member -> its last finite params/state
@@ -351,7 +357,7 @@ class StackedEnsemble:
         """The model's ``step(x, stage)`` terms per member [K] (eval mode, no update). Its draws
         never shift training: outside :meth:`side_streams` the streams are restored at once."""
         with contextlib.ExitStack() as stack:
-            if not self._in_side_streams:
+            if not self._side_depth:
                 stack.enter_context(self.side_streams())
             self.template.eval()
             try:
@@ -361,18 +367,38 @@ class StackedEnsemble:
 
     @contextlib.contextmanager
     def side_streams(self) -> Iterator[None]:
-        """A validation pass: its draws continue each member's training stream, one batch after
-        the other, as the single run's validation continues the global RNG; afterwards the
-        streams are put back, as ``TrainingRandomness`` puts the single run's back at the next
-        training batch."""
-        streams = [g.state_dict() for g in self.generators]
-        self._in_side_streams = True
+        """Between two training steps (validation, callbacks): draws inside continue each
+        member's training stream, one after the other, as a single run's continue its global
+        RNG; on leaving the outermost block the streams are put back, as ``TrainingRandomness``
+        puts the single run's back at the next training batch."""
+        outermost = self._side_depth == 0
+        streams = [g.state_dict() for g in self.generators] if outermost else None
+        self._side_depth += 1
         try:
             yield
         finally:
-            self._in_side_streams = False
-            for generator, state in zip(self.generators, streams, strict=True):
-                generator.load_state_dict(state)
+            self._side_depth -= 1
+            if streams is not None:
+                for generator, state in zip(self.generators, streams, strict=True):
+                    generator.load_state_dict(state)
+
+    @contextlib.contextmanager
+    def member_as_global_rng(self, k: int) -> Iterator[None]:
+        """Member k's stream as torch's global RNG (CPU and the run's accelerator), for a
+        callback run on member k's module: its draws continue that stream, as they continue the
+        single run's; the global RNG is put back afterwards."""
+        generators = self.generators[k]
+        devices = [_CPU] + ([self.device] if self.device.type != "cpu" else [])
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            for device in devices:
+                state = generators.for_device(device).get_state()
+                _default_generator(device).set_state(state)
+            try:
+                yield
+            finally:
+                for device in devices:
+                    generators.for_device(device).set_state(_default_generator(device).get_state())
 
     def draw_loader_seed(self) -> None:
         """What creating a ``DataLoader`` iterator takes from the global CPU stream (its

@@ -13,12 +13,18 @@ An ensemble member must log what ``train.py seed=s`` logs, at the same steps:
 - **Learning-rate schedulers** are stepped after each training step by the engine
   (:meth:`StackedEnsemble.step_schedulers`); :class:`MemberExtras` tells it when an epoch ended.
 
-Other callbacks (image grids, FID, lr monitor, loss report, ...) are not run per member; each
-one is named once in a warning, so that nothing is dropped silently.
+- **Image grids** (reconstructions, traversals, samples): one callback per member, built from
+  the member's single-run config (so ``<run>/members/<member>/images/``), called through its own
+  hooks with the member's module and a minimal trainer stand-in.
+
+Other callbacks (FID, lr monitor, loss report, ...) are not run per member; each one is named
+once in a warning, so that nothing is dropped silently.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import hydra
@@ -26,6 +32,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from omegaconf import DictConfig
 
+from latentzoo.callbacks.images import LatentTraversalGrid, ReconstructionGrid, SampleGrid
 from latentzoo.metrics.ground_truth import DisentanglementCallback
 from latentzoo.utils.errors import LatentzooError
 from latentzoo.utils.logging import RankedLogger
@@ -34,6 +41,8 @@ if TYPE_CHECKING:
     from latentzoo.ensemble.run import EnsembleRun
 
 log = RankedLogger(__name__, rank_zero_only=True)
+
+GRIDS = (ReconstructionGrid, LatentTraversalGrid, SampleGrid)  # cheap: run per member
 
 
 class ValidationSchedule:
@@ -94,41 +103,72 @@ def _locate(target: str) -> type | None:
         return None
 
 
-def member_callbacks(callbacks: DictConfig | None) -> list[tuple[str, DisentanglementCallback]]:
-    """The disentanglement callbacks of ``cfg.callbacks``, built as the single run builds them;
-    every other callback the ensemble does not run is named once in a warning."""
-    found = []
+def member_callbacks(callbacks: DictConfig | None) -> list[tuple[str, type]]:
+    """The callbacks of ``cfg.callbacks`` run per member (disentanglement scores, image grids),
+    as (name, class) in the single run's order; every other callback the ensemble does not run
+    is named once in a warning."""
+    run = []
     for name, node in (callbacks or {}).items():
         if not isinstance(node, DictConfig) or "_target_" not in node:
             continue
         cls = _locate(node._target_)
-        if cls is not None and issubclass(cls, DisentanglementCallback):
-            found.append((name, hydra.utils.instantiate(node)))
-            continue
         known = isinstance(cls, type)
-        if known and issubclass(cls, ProgressBar | ModelSummary):  # the ensemble has its own bar
+        if known and issubclass(cls, (DisentanglementCallback, *GRIDS)):
+            run.append((name, cls))
+        elif known and issubclass(cls, ProgressBar | ModelSummary):  # the ensemble has its own
             continue
-        if known and issubclass(cls, ModelCheckpoint):  # last.ckpt: EnsembleRun.save
+        elif known and issubclass(cls, ModelCheckpoint):  # last.ckpt: EnsembleRun.save
             if node.get("monitor") and node.get("save_top_k", 1) != 0:
                 log.warning(
                     f"ensemble: callbacks.{name} keeps only last.ckpt per member (no best "
                     f"checkpoint by {node.monitor})"
                 )
-            continue
-        log.warning(
-            f"ensemble: callbacks.{name} ({node._target_}) is not run per member; train a single "
-            "run for its outputs"
-        )
-    return found
+        else:
+            log.warning(
+                f"ensemble: callbacks.{name} ({node._target_}) is not run per member; train a "
+                "single run for its outputs"
+            )
+    return run
+
+
+def _due(every_n_steps: int, step: int) -> bool:
+    """The periodic rule of the disentanglement and image-grid callbacks (``global_step``)."""
+    return every_n_steps > 0 and step > 0 and step % every_n_steps == 0
+
+
+class _MemberTrainer:
+    """What the image-grid callbacks read from a trainer, for one member: rank 0 of one, the
+    run's datamodule, the step; no image loggers (members log to CSV) and no stop signal."""
+
+    is_global_zero = True
+    world_size = 1
+    global_rank = 0
+    val_dataloaders = None
+    loggers: tuple = ()
+    callbacks: tuple = ()
+
+    def __init__(self, datamodule: Any, global_step: int) -> None:
+        self.datamodule = datamodule
+        self.global_step = global_step
 
 
 class MemberExtras:
-    """Per-member validation, disentanglement scores and scheduler cadence of one fit."""
+    """Per-member validation, callbacks and scheduler cadence of one fit."""
 
     def __init__(self, run: EnsembleRun) -> None:
         self.run = run
         self.validation = ValidationSchedule(run.cfg.trainer, run.loaders.batches_per_epoch)
-        self.disentanglement = member_callbacks(run.cfg.get("callbacks"))
+        # a disentanglement callback is shared (its metric holds no state); a grid is built per
+        # member from that member's single-run config, so its images land in the member's folder
+        self.callbacks: list[tuple[str, Any]] = [
+            (name, hydra.utils.instantiate(run.cfg.callbacks[name]))
+            if issubclass(cls, DisentanglementCallback)
+            else (
+                name,
+                [hydra.utils.instantiate(run.member_cfg(m).callbacks[name]) for m in run.members],
+            )
+            for name, cls in member_callbacks(run.cfg.get("callbacks"))
+        ]
         self._scored: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # name -> (step, scores)
 
     def _epoch_position(self) -> tuple[int, bool]:
@@ -142,21 +182,54 @@ class MemberExtras:
         self.run.ensemble.step_schedulers(epoch_ended=self._epoch_position()[1])
 
     def after_batch(self) -> None:
-        """After the batch's training logs: the callbacks (``on_train_batch_end``), then
-        validation (Lightning's ``on_advance_end``)."""
+        """After the batch's training logs: the callbacks (``on_train_batch_end``, in config
+        order), then validation (Lightning's ``on_advance_end``). Their draws continue each
+        member's stream in that order, as the single run's continue its global RNG, and are
+        undone before the next step (``TrainingRandomness``)."""
         step = self.run.step
-        for name, callback in self.disentanglement:
-            if callback.every_n_steps > 0 and step > 0 and step % callback.every_n_steps == 0:
-                self._log_scores(name, callback)
-        done, _ = self._epoch_position()
-        if self.validation.due(step, done, self.run.loaders.epoch):
-            self.run.evaluate("val", step=step - 1)
+        with self.run.ensemble.side_streams():
+            for name, callback in self.callbacks:
+                if isinstance(callback, DisentanglementCallback):
+                    if _due(callback.every_n_steps, step):
+                        self._log_scores(name, callback)
+                elif _due(callback[0].every_n_steps, step):
+                    self._draw(callback, end=False)
+            done, _ = self._epoch_position()
+            if self.validation.due(step, done, self.run.loaders.epoch):
+                self.run.evaluate("val", step=step - 1)
 
     def train_end(self) -> None:
         """``on_train_end``: every disentanglement callback once more (it logs again when it
-        has just run at this step; the scores are those same ones)."""
-        for name, callback in self.disentanglement:
-            self._log_scores(name, callback)
+        has just run at this step; the scores are those same ones), and the final grids."""
+        with self.run.ensemble.side_streams():
+            for name, callback in self.callbacks:
+                if isinstance(callback, DisentanglementCallback):
+                    self._log_scores(name, callback)
+                else:
+                    self._draw(callback, end=True)
+
+    @contextlib.contextmanager
+    def _single_run_module(self, k: int) -> Iterator[Any]:
+        """Member k as its single run's module, drawing from its stream as the global RNG."""
+        model = member_module(self.run, k)
+        try:
+            with self.run.ensemble.member_as_global_rng(k):
+                yield model
+        finally:
+            model.to("cpu")
+
+    def _draw(self, per_member: list[Any], end: bool) -> None:
+        """Each live member's grid callback, through its own hook, on the member's module."""
+        run = self.run
+        trainer = _MemberTrainer(run.datamodule, run.step)
+        for k, callback in enumerate(per_member):
+            if not bool(run.ensemble.alive[k]):
+                continue
+            with self._single_run_module(k) as model:
+                if end:
+                    callback.on_train_end(trainer, model)
+                else:
+                    callback.on_train_batch_end(trainer, model, None, None, 0)
 
     def _log_scores(self, name: str, callback: DisentanglementCallback) -> None:
         step = self.run.step
@@ -177,11 +250,8 @@ class MemberExtras:
         for k in tqdm(range(ensemble.num), desc="disentanglement", disable=not show):
             if not bool(ensemble.alive[k]):
                 continue
-            model = member_module(run, k)
-            try:
+            with self._single_run_module(k) as model:
                 scores = callback.evaluate(model, run.datamodule)
-            finally:
-                model.to("cpu")
             log.info(
                 f"disentanglement of member {run.members[k].name} at step {run.step}: "
                 + ", ".join(f"{key}={value:.3f}" for key, value in sorted(scores.items()))
