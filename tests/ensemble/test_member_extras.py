@@ -91,6 +91,19 @@ def test_scheduler_state_resumes_exactly():
         unscheduled.load_state_dict(first.state_dict())
 
 
+def test_a_dropped_member_keeps_the_schedule_of_its_last_finite_step():
+    seeds = [0, 1]
+    engine = scheduled_engine(seeds)
+    data = torch.stack([batches(s) for s in seeds], dim=1)
+    data[1, 1] = float("nan")  # member 1's batch at step 1
+    for step, images in enumerate(data):
+        engine.training_step(images, step)
+        engine.step_schedulers(epoch_ended=False)
+    assert engine.dropped[1]["step"] == 1
+    assert engine.member_scheduler_states(0)[0]["last_epoch"] == 3
+    assert engine.member_scheduler_states(1)[0]["last_epoch"] == 1  # stepped after step 0 only
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_epoch_schedulers_step_on_epoch_ends_only():
     engine = scheduled_engine([0, 1])

@@ -10,6 +10,12 @@ member, as Lightning's ``clip_grad_norm_`` over that member's parameters) and th
 member whose loss is non-finite is dropped: its weights and optimizer state stay at their last
 finite values, the others go on untouched).
 
+The model's lr scheduler runs on the stacked optimizer (the lr is shared, as every single run
+follows the same schedule) and is stepped at Lightning's cadence (:meth:`step_schedulers`).
+Between training steps, validation and callbacks draw from each member's stream as the single
+run's draw from its global RNG, and the streams are put back before the next step
+(:meth:`side_streams`, as ``TrainingRandomness`` does).
+
 Models whose step branches in Python on a random draw (LieVAE's ``eg_flip=per_batch``) cannot be
 vmapped; they run member by member on the stacked weights (``vectorize=loop``), still with one
 optimizer step for all.
