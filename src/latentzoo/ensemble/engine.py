@@ -10,6 +10,12 @@ member, as Lightning's ``clip_grad_norm_`` over that member's parameters) and th
 member whose loss is non-finite is dropped: its weights and optimizer state stay at their last
 finite values, the others go on untouched).
 
+The model's lr scheduler runs on the stacked optimizer (the lr is shared, as every single run
+follows the same schedule) and is stepped at Lightning's cadence (:meth:`step_schedulers`).
+Between training steps, validation and callbacks draw from each member's stream as the single
+run's draw from its global RNG, and the streams are put back before the next step
+(:meth:`side_streams`, as ``TrainingRandomness`` does).
+
 Models whose step branches in Python on a random draw (LieVAE's ``eg_flip=per_batch``) cannot be
 vmapped; they run member by member on the stacked weights (``vectorize=loop``), still with one
 optimizer step for all.
@@ -25,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.optim.lr_scheduler import LRScheduler
 
 from latentzoo.ensemble.noise import MemberGenerators, MemberNoise
 from latentzoo.utils.errors import LatentzooError
@@ -49,6 +56,15 @@ class _StepClock:
 
     def __init__(self) -> None:
         self.global_step = 0
+
+
+_CPU = torch.device("cpu")
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cpu":
+        return torch.default_generator
+    return torch.cuda.default_generators[device.index or 0]
 
 
 def varied_attributes(models: list[nn.Module]) -> dict[str, list[float]]:
@@ -101,6 +117,7 @@ class StackedEnsemble:
             model.to("cpu")
         self.generators = [MemberGenerators(seed) for seed in seeds]
         self.seeds = list(seeds)
+        self._side_depth = 0  # open side_streams blocks
         self.alive = torch.ones(self.num, dtype=torch.bool)
         self.dropped: dict[int, dict[str, Any]] = {}  # member -> {step, loss}
         self._frozen: dict[int, dict[str, Any]] = {}  # member -> its last finite params/state
@@ -119,6 +136,8 @@ class StackedEnsemble:
         }
         self.vectorize = self._choose_vectorize(vectorize)
         self.optimizers = self._build_optimizers()
+        self.scheduler_interval = getattr(self.template, "scheduler_interval", "step")
+        self.schedulers = self._build_schedulers()
 
     # --- set-up -------------------------------------------------------------------------------
     def _choose_vectorize(self, vectorize: str) -> str:
@@ -142,11 +161,6 @@ class StackedEnsemble:
 
     def _build_optimizers(self) -> list[torch.optim.Optimizer]:
         model = self.template
-        if getattr(model, "scheduler_factory", None) is not None:
-            raise LatentzooError(
-                "ensemble training does not drive learning-rate schedulers yet; set "
-                "model.scheduler=null or train single runs"
-            )
         if self.is_factor_vae:
             vae = self._param_names(model.encoder, "encoder.") + self._param_names(
                 model.decoder, "decoder."
@@ -160,6 +174,34 @@ class StackedEnsemble:
         names = [name for name, _ in model.named_parameters()]
         self.groups = [names]
         return [model.optimizer_factory(params=[self.params[n] for n in names])]
+
+    def _build_schedulers(self) -> list[LRScheduler]:
+        """``model.scheduler`` on the (first) stacked optimizer, where the model's
+        ``configure_optimizers`` puts it in the single run. The members share that optimizer's
+        lr, and the lr of every single run follows the same schedule, so one scheduler stepped
+        at the single run's cadence (:meth:`step_schedulers`) gives every member its run's lr."""
+        factory = getattr(self.template, "scheduler_factory", None)
+        if factory is None:
+            return []
+        if self.scheduler_interval not in ("step", "epoch"):
+            raise LatentzooError(
+                f"model.scheduler_interval must be step or epoch, not {self.scheduler_interval}"
+            )
+        scheduler = factory(optimizer=self.optimizers[0])
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise LatentzooError(
+                "ensemble: ReduceLROnPlateau follows a monitored metric, which differs per member "
+                "while the members share one lr; use a fixed schedule or train single runs"
+            )
+        return [scheduler]
+
+    def step_schedulers(self, epoch_ended: bool) -> None:
+        """After a training step, as Lightning does: ``interval=step`` schedulers every step,
+        ``interval=epoch`` ones on the last batch of an epoch (FactorVAE steps its own the same
+        way in ``training_step``)."""
+        if self.scheduler_interval == "step" or epoch_ended:
+            for scheduler in self.schedulers:
+                scheduler.step()
 
     # --- the functional calls -----------------------------------------------------------------
     def _run(self, fn: Callable[..., Any], *batched: torch.Tensor) -> Any:
@@ -276,6 +318,7 @@ class StackedEnsemble:
                 "params": {n: t[k].detach().clone() for n, t in self.params.items()},
                 "optim": [self._member_optimizer_state(i, k) for i in range(len(self.optimizers))],
                 "noise": self._noise_before_step[k],
+                "schedulers": [copy.deepcopy(s.state_dict()) for s in self.schedulers],
             }
         self.alive &= finite
 
@@ -310,18 +353,68 @@ class StackedEnsemble:
             return frozen["optim"]
         return [self._member_optimizer_state(i, k) for i in range(len(self.optimizers))]
 
+    def member_scheduler_states(self, k: int) -> list[dict[str, Any]]:
+        """Member k's ``lr_schedulers`` entry of ``last.ckpt`` (the single-run layout: one
+        ``state_dict`` per scheduler); a dropped member's as it was when it stopped."""
+        frozen = self._frozen.get(k)
+        if frozen is not None:
+            return copy.deepcopy(frozen.get("schedulers", []))
+        return [copy.deepcopy(s.state_dict()) for s in self.schedulers]
+
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, stage: str) -> dict[str, torch.Tensor]:
-        """The model's ``step(x, stage)`` terms per member [K] (eval mode, no update)."""
-        streams = [g.state_dict() for g in self.generators]  # eval must not shift training
-        self.template.eval()
+        """The model's ``step(x, stage)`` terms per member [K] (eval mode, no update). Its draws
+        never shift training: outside :meth:`side_streams` the streams are restored at once."""
+        with contextlib.ExitStack() as stack:
+            if not self._side_depth:
+                stack.enter_context(self.side_streams())
+            self.template.eval()
+            try:
+                return self._run(lambda model, x: model.step(x, stage), images)
+            finally:
+                self.template.train()
+
+    @contextlib.contextmanager
+    def side_streams(self) -> Iterator[None]:
+        """Between two training steps (validation, callbacks): draws inside continue each
+        member's training stream, one after the other, as a single run's continue its global
+        RNG; on leaving the outermost block the streams are put back, as ``TrainingRandomness``
+        puts the single run's back at the next training batch."""
+        outermost = self._side_depth == 0
+        streams = [g.state_dict() for g in self.generators] if outermost else None
+        self._side_depth += 1
         try:
-            return self._run(lambda model, x: model.step(x, stage), images)
+            yield
         finally:
-            self.template.train()
-            for generator, state in zip(self.generators, streams, strict=True):
-                generator.load_state_dict(state)
+            self._side_depth -= 1
+            if streams is not None:
+                for generator, state in zip(self.generators, streams, strict=True):
+                    generator.load_state_dict(state)
+
+    @contextlib.contextmanager
+    def member_as_global_rng(self, k: int) -> Iterator[None]:
+        """Member k's stream as torch's global RNG (CPU and the run's accelerator), for a
+        callback run on member k's module: its draws continue that stream, as they continue the
+        single run's; the global RNG is put back afterwards."""
+        generators = self.generators[k]
+        devices = [_CPU] + ([self.device] if self.device.type != "cpu" else [])
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            for device in devices:
+                state = generators.for_device(device).get_state()
+                _default_generator(device).set_state(state)
+            try:
+                yield
+            finally:
+                for device in devices:
+                    generators.for_device(device).set_state(_default_generator(device).get_state())
+
+    def draw_loader_seed(self) -> None:
+        """What creating a ``DataLoader`` iterator takes from the global CPU stream (its
+        ``_base_seed``), taken from each member's CPU stream."""
+        for generator in self.generators:
+            torch.empty((), dtype=torch.int64).random_(generator=generator.for_device(_CPU))
 
     # --- the ensemble checkpoint: one entry per member, so that any split of the members over
     # processes (trainer=ddp) saves and resumes the same file ------------------------------------
@@ -332,6 +425,7 @@ class StackedEnsemble:
             "params": {n: t[k].detach().cpu().clone() for n, t in self.params.items()},
             "buffers": {n: t[k].detach().cpu().clone() for n, t in self.buffers.items()},
             "optimizers": [self._member_optimizer_state(i, k) for i in range(len(self.optimizers))],
+            "schedulers": [s.state_dict() for s in self.schedulers],  # one lr for all members
             "generators": self.generators[k].state_dict(),
             "alive": bool(self.alive[k]),
             "dropped": self.dropped.get(k),
@@ -358,6 +452,14 @@ class StackedEnsemble:
                     for key, value in first.items()
                 }
             opt.load_state_dict({"state": stacked, "param_groups": saved[0]["param_groups"]})
+        schedulers = states[0].get("schedulers", [])
+        if len(schedulers) != len(self.schedulers):
+            raise LatentzooError(
+                f"the ensemble checkpoint holds {len(schedulers)} lr scheduler(s) but this run "
+                f"has {len(self.schedulers)}: resume with the same model.scheduler"
+            )
+        for scheduler, saved_scheduler in zip(self.schedulers, schedulers, strict=True):
+            scheduler.load_state_dict(saved_scheduler)
         for generator, state in zip(self.generators, states, strict=True):
             generator.load_state_dict(state["generators"])
         self.alive = torch.tensor([s["alive"] for s in states], dtype=torch.bool)

@@ -9,8 +9,9 @@ Called from ``latentzoo.train.train`` when ``ensemble.seeds`` is set. Each membe
   seeds the single run (:mod:`latentzoo.ensemble.noise`);
 - writes ``<run>/members/seed_<s_k>/``: ``.hydra/{config,overrides}.yaml`` of that single run,
   ``metrics.json`` in the single-run schema, ``csv/version_0/metrics.csv`` (the CSV logger's
-  layout) and ``checkpoints/last.ckpt`` (state_dict, optimizer states, step, the config, the
-  training stream) that ``eval.py`` reads like any single run's.
+  layout) and ``checkpoints/last.ckpt`` (state_dict, optimizer and scheduler states, Lightning's
+  loop state, the config, the training stream) that ``eval.py`` reads, and ``train.py seed=s_k
+  ckpt_path=...`` resumes, like any single run's (:mod:`latentzoo.ensemble.single_run_state`).
 
 The ensemble itself checkpoints to ``<run>/checkpoints/ensemble_last.ckpt`` (every member's
 weights, optimizer moments, noise streams, loader positions, dropped members; one entry per
@@ -23,8 +24,11 @@ spans devices, so member k is still ``train.py seed=s_k`` on one device (``data.
 ``data.global_batch_size`` are that single run's); the ranks do not talk while training, only
 when the ensemble checkpoint is gathered on rank 0 and when the final metrics are averaged.
 
-Not done per member (yet): validation during training, best-checkpoint selection, image and
-disentanglement callbacks; validation and test losses are computed once at the end.
+Per member as in its single run (:mod:`latentzoo.ensemble.extras`): validation on the trainer's
+schedule, the disentanglement and image-grid callbacks, the model's lr scheduler. Not per member:
+best-checkpoint selection by ``val/loss`` and the other callbacks (each named in a warning).
+Ctrl-C and SIGTERM save at a step boundary and exit as a single run does
+(:mod:`latentzoo.ensemble.stopping`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentzoo.callbacks.randomness import rng_to_checkpoint
 from latentzoo.ensemble.engine import StackedEnsemble
+from latentzoo.ensemble.extras import MemberExtras, loader_draws_seed
 from latentzoo.ensemble.members import Member, member_overrides, members_of
 from latentzoo.ensemble.noise import MemberGenerators
 from latentzoo.ensemble.single_run_state import (
@@ -266,21 +271,25 @@ class EnsembleRun:
         max_steps = int(self.cfg.trainer.max_steps)
         show = bool(self.cfg.trainer.get("enable_progress_bar", True)) and self.rank == 0
         bar = tqdm(total=max_steps, initial=self.step, disable=not show, desc="ensemble")
+        extras = MemberExtras(self)  # validation, disentanglement, lr schedulers per member
         with StopSignals() as stop:
             while self.step < max_steps:
                 images = _images(self.loaders.next(), self.device)
                 terms = self.ensemble.training_step(images, self.step)
                 self.step += 1
+                extras.after_step()
                 bar.update(1)
                 if self.step % self.log_every == 0 or self.step == max_steps:
                     self._log({f"train/{k}": v for k, v in terms.items()}, self.step - 1)
                     bar.set_postfix(alive=int(self.ensemble.alive.sum()))
+                extras.after_batch()
                 if self.save_every and self.step % int(self.save_every) == 0:
                     self.save()
                 if stop.agreed(self.step):  # Ctrl-C / SIGTERM: save at this step boundary
                     self.save()
                     self._stop(stop.signum)
         bar.close()
+        extras.train_end()
 
     def _stop(self, signum: int) -> None:
         """Exit 128 + signum after a signal's save, saying how to resume (as single runs do)."""
@@ -290,18 +299,21 @@ class EnsembleRun:
             print(f"{stopped}. Resume with:\n  {stopped.resume_command}", file=sys.stderr)
         raise stopped
 
-    def _log(self, terms: dict[str, torch.Tensor], step: int) -> None:
+    def _log(self, terms: dict[str, torch.Tensor], step: int, epoch: bool = True) -> None:
+        """One row per live member in its CSV (with the ``epoch`` column where Lightning adds
+        it: not to callback-logged scores), kept for its ``metrics.json``."""
         values = {k: v.detach().cpu().tolist() for k, v in terms.items()}
         for k, logger in enumerate(self.loggers):
             if not bool(self.ensemble.alive[k]) and k in self.ensemble.dropped:
                 continue  # its metrics stop where it stopped, as a failed single run's
             row = {name: float(v[k]) for name, v in values.items()}
-            logger.log_metrics({**row, "epoch": self.loaders.epoch}, step=step)
+            logger.log_metrics({**row, "epoch": self.loaders.epoch} if epoch else row, step=step)
             self.last_logged[k].update(row)
 
-    def evaluate(self, stage: str) -> None:
+    def evaluate(self, stage: str, step: int | None = None) -> None:
         """Mean ``<stage>/*`` terms of every member over the split (at most
-        ``trainer.limit_<stage>_batches`` batches), logged and kept for ``metrics.json``."""
+        ``trainer.limit_<stage>_batches`` batches), logged at ``step`` (default: the current
+        one) and kept for ``metrics.json``."""
         loader = getattr(self.datamodule, f"{stage}_dataloader")()
         limit = self.cfg.trainer.get(f"limit_{stage}_batches", 1.0)
         n_batches = len(loader)
@@ -311,18 +323,24 @@ class EnsembleRun:
             n_batches = int(n_batches * float(limit))
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        for i, batch in enumerate(loader):
-            if i >= n_batches:
-                break
-            x = batch[0] if isinstance(batch, list | tuple) else batch
-            images = x.unsqueeze(0).expand(len(self.members), *x.shape).to(self.device)
-            terms = self.ensemble.evaluate(images, stage)
-            size = x.shape[0]
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0) + value.detach().cpu() * size
-            count += size
+        with self.ensemble.side_streams():  # the pass draws as the single run's, then undone
+            if loader_draws_seed(loader):
+                self.ensemble.draw_loader_seed()
+            for i, batch in enumerate(loader):
+                if i >= n_batches:
+                    break
+                x = batch[0] if isinstance(batch, list | tuple) else batch
+                images = x.unsqueeze(0).expand(len(self.members), *x.shape).to(self.device)
+                terms = self.ensemble.evaluate(images, stage)
+                size = x.shape[0]
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0) + value.detach().cpu() * size
+                count += size
         if count:
-            self._log({f"{stage}/{k}": v / count for k, v in sums.items()}, self.step)
+            self._log(
+                {f"{stage}/{k}": v / count for k, v in sums.items()},
+                self.step if step is None else step,
+            )
 
     # --- checkpoints --------------------------------------------------------------------------
     def save(self) -> None:
@@ -373,7 +391,7 @@ class EnsembleRun:
             "pytorch-lightning_version": L.__version__,
             "state_dict": self.ensemble.member_state_dict(k),
             "optimizer_states": self.ensemble.member_optimizer_states(k),
-            "lr_schedulers": [],
+            "lr_schedulers": self.ensemble.member_scheduler_states(k),
             "hyper_parameters": to_plain(dict(self.ensemble.models[k].hparams)),  # as ckpt IO does
             "callbacks": {
                 "TrainingRandomness": {
@@ -523,8 +541,6 @@ def train_ensemble(cfg: DictConfig, record: Any = None) -> tuple[dict[str, float
     try:
         if cfg.get("train", True):
             run.fit()
-        if cfg.get("train", True) or cfg.get("test"):
-            run.evaluate("val")
         if cfg.get("test"):
             run.evaluate("test")
         run.save()
