@@ -43,8 +43,9 @@ The checkpoint callbacks' states (``checkpoint_callback_states``) say which ``la
 theirs: a single run continuing in the member's dir (``resume=auto``) then refreshes that file
 instead of writing ``last-v1.ckpt`` beside it.
 
-The validation, test and prediction counters are zero: the ensemble does not validate during
-training, and those counters do not steer where training resumes.
+The validation, test and prediction counters (and the lr schedulers' progress counters) are
+zero: they do not steer where training resumes; the schedulers' own states, which do, are in
+``lr_schedulers``.
 """
 
 from __future__ import annotations
