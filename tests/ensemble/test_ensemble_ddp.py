@@ -44,6 +44,8 @@ def test_members_split_over_ranks_are_the_single_runs(tmp_path, model):
         record = json.loads((member_dir(ddp, seed) / "metrics.json").read_text())
         assert record["status"] == "completed" and record["global_step"] == 3
         assert record["ensemble"] == {"seeds": SEEDS, "index": SEEDS.index(seed)}
+        # every rank writes its own members' logs (Lightning's loggers write on rank 0 only)
+        assert "train/loss" in (member_dir(ddp, seed) / "csv/version_0/metrics.csv").read_text()
     first, last = (weights(member_dir(ddp, s) / "checkpoints" / "last.ckpt") for s in (0, 2))
     assert max_diff(first, last) > 100 * ATOL  # the seeds are told apart
     ensemble_record = json.loads((ddp / "metrics.json").read_text())

@@ -33,10 +33,12 @@ Ctrl-C and SIGTERM save at a step boundary and exit as a single run does
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from latentzoo.callbacks.randomness import rng_to_checkpoint
@@ -208,6 +211,29 @@ class MemberLoaders:
         self._iters = None
 
 
+class MemberCSVLogger(CSVLogger):
+    """Lightning's CSV logger writes on global rank 0 only; under ``trainer=ddp`` every rank
+    writes the logs of its own members (their run dirs are that rank's alone)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        with _as_rank_zero():
+            super().log_metrics(metrics, step)
+
+    def finalize(self, status: str) -> None:
+        with _as_rank_zero():
+            super().finalize(status)
+
+
+@contextlib.contextmanager
+def _as_rank_zero() -> Iterator[None]:
+    saved = rank_zero_only.rank
+    rank_zero_only.rank = 0
+    try:
+        yield
+    finally:
+        rank_zero_only.rank = saved
+
+
 def _images(batches: list[Any], device: torch.device) -> torch.Tensor:
     xs = [b[0] if isinstance(b, list | tuple) else b for b in batches]
     return torch.stack(xs).to(device, non_blocking=True)
@@ -256,7 +282,8 @@ class EnsembleRun:
         ckpt_cfg = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
         self.save_every = ckpt_cfg.get("every_n_train_steps")
         self.loggers = [
-            CSVLogger(save_dir=str(self.member_dir(m)), name="csv", prefix="") for m in members
+            MemberCSVLogger(save_dir=str(self.member_dir(m)), name="csv", prefix="")
+            for m in members
         ]
         self.last_logged: list[dict[str, float]] = [{} for _ in members]
         self.started = time.time()
