@@ -7,6 +7,10 @@ same overrides (no validation or test, a final ``last.ckpt``, CSV logs); the ens
 first process's start to the last one's end, so process start-up, Lightning, data loading and
 checkpoint writing count on both sides: images/s = K · N · batch / wall.
 
+It also tabulates both sides with ``python -m latentzoo.collect`` (the ensemble's ``members/``
+and the one-at-a-time single runs): n and mean ± std of every final metric, which should agree
+to float tolerance, since member k is the single run ``seed=k``.
+
 Usage::
 
     python benchmarks/bench_ensemble_runs.py --k 8 --steps 50 [--parallel 1 4] [--device cpu]
@@ -76,6 +80,17 @@ def run_jobs(jobs: list[list[str]], parallel: int) -> float:
     return time.perf_counter() - start
 
 
+def collect(runs: Path, out: Path) -> dict:
+    """``latentzoo.collect``'s JSON table of the runs under ``runs``."""
+    subprocess.run(
+        [sys.executable, "-m", "latentzoo.collect", str(runs), "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return json.loads(out.with_suffix(".json").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=8)
@@ -94,7 +109,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         for parallel in args.parallel:
             singles = [
-                [*common, f"seed={s}", f"hydra.run.dir={tmp}/p{parallel}_seed{s}"]
+                [*common, f"seed={s}", f"hydra.run.dir={tmp}/singles_p{parallel}/seed_{s}"]
                 for s in range(args.k)
             ]
             wall = run_jobs(singles, parallel)
@@ -102,6 +117,10 @@ def main() -> None:
                 {"what": f"{args.k} single runs, {parallel} at a time", "wall_s": round(wall, 2)}
             )
             print(json.dumps(rows[-1]), flush=True)
+        tables = {
+            "ensemble_members": collect(Path(tmp, "ensemble", "members"), Path(tmp, "t_ens")),
+            "single_runs": collect(Path(tmp, f"singles_p{args.parallel[0]}"), Path(tmp, "t_one")),
+        }
     for row in rows:
         row["images_per_s"] = round(images / row["wall_s"], 1)
         row["ensemble_speedup"] = round(row["wall_s"] / rows[0]["wall_s"], 3)
@@ -116,6 +135,7 @@ def main() -> None:
         "steps": args.steps,
         "batch_per_member": BATCH,
         "rows": rows,
+        "collect": tables,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -83,23 +83,27 @@ def test_member_is_the_single_run(cls, vectorize):
     assert max(float((engine.member_state_dict(0)[n] - other[n]).abs().max()) for n in other) > 1e-2
 
 
-def test_varied_beta_equals_runs_with_that_beta():
-    engine = ensemble([0, 1], betas=[1.0, 16.0])
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_varied_beta_equals_runs_with_that_beta(vectorize):
+    engine = ensemble([0, 1], betas=[1.0, 16.0], vectorize=vectorize)
     close(engine.member_state_dict(0), single_run(0, beta=1.0), atol=1e-5)
     close(engine.member_state_dict(1), single_run(1, beta=16.0), atol=1e-5)
     with pytest.raises(AssertionError):  # beta matters at this tolerance
         close(engine.member_state_dict(1), single_run(1, beta=1.0), atol=1e-5)
 
 
-def test_gradient_clipping_is_per_member():
-    engine = ensemble([0, 1], clip=0.5)
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_gradient_clipping_is_per_member(vectorize):
+    engine = ensemble([0, 1], clip=0.5, vectorize=vectorize)
     for k, seed in enumerate([0, 1]):
         close(engine.member_state_dict(k), single_run(seed, clip=0.5), atol=1e-5)
 
 
-def test_a_nan_member_is_dropped_and_the_others_are_untouched():
-    clean = ensemble([0, 1, 2])
-    poisoned = ensemble([0, 1, 2], poison=(2, 1))  # member 2's batch is NaN at step 1
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_a_nan_member_is_dropped_and_the_others_are_untouched(vectorize):
+    clean = ensemble([0, 1, 2], vectorize=vectorize)
+    # member 2's batch is NaN at step 1
+    poisoned = ensemble([0, 1, 2], poison=(2, 1), vectorize=vectorize)
     assert poisoned.alive.tolist() == [True, True, False]
     assert poisoned.dropped[2]["step"] == 1
     for k in (0, 1):  # bit-identical to the same members without the bad one's NaN
@@ -107,7 +111,7 @@ def test_a_nan_member_is_dropped_and_the_others_are_untouched():
         assert all(torch.equal(a[n], b[n]) for n in a)
     # and to an ensemble without the bad member at all (within float tolerance: K changes the
     # vectorised kernels' shapes, not the arithmetic)
-    without = ensemble([0, 1])
+    without = ensemble([0, 1], vectorize=vectorize)
     for k in (0, 1):
         close(poisoned.member_state_dict(k), without.member_state_dict(k), atol=1e-6)
     # the dropped member keeps its last finite weights: those after step 0

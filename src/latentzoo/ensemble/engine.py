@@ -152,8 +152,10 @@ class StackedEnsemble:
                 "ensemble.vectorize=vmap: LieVAE with eg_flip=per_batch branches on a random draw "
                 "per member; use ensemble.vectorize=auto (loop) or model.eg_flip=per_sample"
             )
-        if vectorize == "auto":
-            return "loop" if branches else "vmap"
+        if vectorize == "auto":  # measured: benchmarks/results/ensemble_cpu.json
+            # vmap turns the members' convolutions into grouped ones, which oneDNN runs about 2x
+            # slower than K plain ones on CPU; on GPUs one launch for K members is the point
+            return "loop" if branches or self.device.type == "cpu" else "vmap"
         return vectorize
 
     def _param_names(self, module: nn.Module, prefix: str) -> list[str]:
@@ -219,10 +221,14 @@ class StackedEnsemble:
                 return vmap(one, randomness="same")(
                     prefixed, prefixed_buffers, self._varied_stacks, *batched
                 )
+        # unbind once: its backward stacks the members' gradients in one op (indexing t[k] per
+        # member would scatter each gradient into a zero tensor of the whole stack)
+        params = {name: t.unbind(0) for name, t in prefixed.items()}
+        buffers = {name: t.unbind(0) for name, t in prefixed_buffers.items()}
         outputs = []
         for k in range(self.num):
-            p = {name: t[k] for name, t in prefixed.items()}
-            b = {name: t[k] for name, t in prefixed_buffers.items()}
+            p = {name: t[k] for name, t in params.items()}
+            b = {name: t[k] for name, t in buffers.items()}
             values = {name: vals[k] for name, vals in self.varied.items()}
             with MemberNoise(self.generators, member=k), self._member_values(values):
                 outputs.append(functional_call(self.caller, (p, b), tuple(a[k] for a in batched)))
