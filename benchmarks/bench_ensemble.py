@@ -3,13 +3,14 @@
 The model is the dSprites β-VAE of ``configs/model/beta_vae.yaml`` (64x64x1, conv encoder and
 decoder, 0.9 M parameters), Adam, batch ``--batch`` per member. For each K:
 
-- ``ensemble``: :class:`latentzoo.ensemble.engine.StackedEnsemble` steps (all K members, one
-  vmapped forward/backward, one Adam step on [K, ...] weights);
+- ``ensemble`` (per ``--modes``): :class:`latentzoo.ensemble.engine.StackedEnsemble` steps, all K
+  members in one vmapped forward/backward (``vmap``) or member by member on the stacked weights
+  (``loop``), then one Adam step on [K, ...] weights;
 - ``sequential``: K separate models each doing its own step on the same batches (what K single
   runs do, minus Lightning and data loading, which are the same per member for both).
 
-Reported per K: seconds per step, images/s, the per-member time ratio
-``(ensemble step / K) / (single step)`` (< 1: the ensemble is faster per member), and memory per
+Reported per K and mode: seconds per step, images/s, the per-member time ratio
+``ensemble step / (K single steps)`` (< 1: the ensemble is faster per member), and memory per
 member: the training state (weights + gradients + Adam moments, exact) and, on CUDA, the peak
 allocated memory of the ensemble step divided by K. Timings are medians over ``--steps`` steps
 after ``--warmup`` steps, the two taking turns step by step (a shared
@@ -75,7 +76,9 @@ def interleaved(fns: dict, steps: int, warmup: int, device: torch.device) -> dic
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench_k(k: int, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
+def bench_k(
+    k: int, batch: int, steps: int, warmup: int, device: torch.device, modes: list[str]
+) -> dict:
     torch.manual_seed(1234)
     data = (torch.rand(warmup + steps, k, batch, *SHAPE) > 0.5).float().to(device)
 
@@ -89,28 +92,35 @@ def bench_k(k: int, batch: int, steps: int, warmup: int, device: torch.device) -
             loss.backward()
             opt.step()
 
-    engine = StackedEnsemble([beta_vae(s) for s in range(k)], list(range(k)), device)
-    medians = interleaved(
-        {"sequential": sequential, "ensemble": lambda i: engine.training_step(data[i], i)},
-        steps,
-        warmup,
-        device,
-    )
-    t_seq, t_ens = medians["sequential"], medians["ensemble"]
+    engines = {
+        mode: StackedEnsemble(
+            [beta_vae(s) for s in range(k)], list(range(k)), device, vectorize=mode
+        )
+        for mode in modes
+    }
+    steppers = {mode: (lambda i, e=e: e.training_step(data[i], i)) for mode, e in engines.items()}
+    medians = interleaved({"sequential": sequential, **steppers}, steps, warmup, device)
+    t_seq = medians["sequential"]
+    engine = engines[modes[0]]
     params = sum(t[0].numel() for t in engine.params.values())
     out = {
         "K": k,
-        "ensemble_step_s": round(t_ens, 5),
         "sequential_step_s": round(t_seq, 5),
-        "ensemble_images_per_s": round(k * batch / t_ens, 1),
         "sequential_images_per_s": round(k * batch / t_seq, 1),
-        "per_member_time_ratio": round(t_ens / t_seq, 3),
-        "speedup": round(t_seq / t_ens, 3),
-        "params_per_member": params,
-        "state_bytes_per_member": params * 4 * 4,  # weights, gradients, Adam exp_avg, exp_avg_sq
     }
+    for mode in modes:
+        t_ens = medians[mode]
+        out[mode] = {
+            "ensemble_step_s": round(t_ens, 5),
+            "ensemble_images_per_s": round(k * batch / t_ens, 1),
+            "per_member_time_ratio": round(t_ens / t_seq, 3),
+            "speedup": round(t_seq / t_ens, 3),
+        }
+    out["params_per_member"] = params
+    out["state_bytes_per_member"] = params * 4 * 4  # weights, gradients, Adam's two moments
     if device.type == "cuda":  # one ensemble step alone (weights, Adam state, the batches)
-        del singles, optimizers, sequential
+        del singles, optimizers, sequential, steppers
+        engines = {modes[0]: engine}
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -129,6 +139,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", default=["vmap", "loop"], choices=["vmap", "loop"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ensemble_cpu.json"))
     args = parser.parse_args()
     if args.threads:
@@ -136,7 +147,7 @@ def main() -> None:
     device = torch.device(args.device)
     rows = []
     for k in args.ks:
-        row = bench_k(k, args.batch, args.steps, args.warmup, device)
+        row = bench_k(k, args.batch, args.steps, args.warmup, device, args.modes)
         print(json.dumps(row), flush=True)
         rows.append(row)
     result = {
