@@ -86,6 +86,14 @@ def varied_attributes(models: list[nn.Module]) -> dict[str, list[float]]:
     return varied
 
 
+def _loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    return terms["loss"]
+
+
+def _detach(value: Any) -> Any:
+    return value.detach() if torch.is_tensor(value) else value
+
+
 def _view(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
@@ -221,14 +229,10 @@ class StackedEnsemble:
                 return vmap(one, randomness="same")(
                     prefixed, prefixed_buffers, self._varied_stacks, *batched
                 )
-        # unbind once: its backward stacks the members' gradients in one op (indexing t[k] per
-        # member would scatter each gradient into a zero tensor of the whole stack)
-        params = {name: t.unbind(0) for name, t in prefixed.items()}
-        buffers = {name: t.unbind(0) for name, t in prefixed_buffers.items()}
-        outputs = []
+        outputs = []  # member by member (evaluation; training loops in _loop_with_grads)
         for k in range(self.num):
-            p = {name: t[k] for name, t in params.items()}
-            b = {name: t[k] for name, t in buffers.items()}
+            p = {name: t[k] for name, t in prefixed.items()}
+            b = {name: t[k] for name, t in prefixed_buffers.items()}
             values = {name: vals[k] for name, vals in self.varied.items()}
             with MemberNoise(self.generators, member=k), self._member_values(values):
                 outputs.append(functional_call(self.caller, (p, b), tuple(a[k] for a in batched)))
@@ -256,9 +260,7 @@ class StackedEnsemble:
         self._noise_before_step = [g.state_dict() for g in self.generators]
         if self.is_factor_vae:
             return self._factor_vae_step(images, step)
-        terms = self._run(lambda model, x: model.step(x, "train"), images)
-        self._update(0, terms["loss"], step)
-        return {k: v.detach() for k, v in terms.items()}
+        return self._train_group(0, lambda model, x: model.step(x, "train"), _loss, step, images)
 
     def _factor_vae_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         # FactorVAE.training_step, member-wise: VAE step, then the discriminator on the latents
@@ -268,32 +270,84 @@ class StackedEnsemble:
             terms, z = model.vae_terms(x_vae)
             return terms, z
 
-        terms, z = self._run(vae, images)
-        self._update(0, terms["loss"], step)
+        terms, z = self._train_group(0, vae, lambda out: out[0]["loss"], step, images)
 
         def disc(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> Any:
             _, x_other = model.split_batch(x)
             return model.discriminator_terms(*model.discriminator_inputs(z, x_other))
 
-        d_terms = self._run(disc, images, z.detach())
-        self._update(1, d_terms["d_loss"], step, guard=False)
-        return {k: v.detach() for k, v in {**terms, **d_terms}.items()}
+        d_loss = lambda out: out["d_loss"]  # noqa: E731
+        d_terms = self._train_group(1, disc, d_loss, step, images, z, guard=False)
+        return {**terms, **d_terms}
 
-    def _update(self, group: int, losses: torch.Tensor, step: int, guard: bool = True) -> None:
-        names = self.groups[group]
-        leaves = [self.params[n] for n in names]
-        if guard:
-            self._drop_nonfinite(losses, step)
-        # Members share no arithmetic (vmap slices, elementwise Adam, per-member clipping), so a
-        # dropped member's NaN stays in its own slice; its exported weights and optimizer state
-        # are the snapshot taken when it was dropped (``_frozen``).
-        grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+    def _train_group(
+        self,
+        group: int,
+        fn: Callable[..., Any],
+        loss_of: Callable[[Any], torch.Tensor],
+        step: int,
+        *batched: torch.Tensor,
+        guard: bool = True,
+    ) -> Any:
+        """``fn(model, *member_args)`` for every member, then one optimizer step of parameter
+        group ``group`` on each member's ``loss_of(output)``; the outputs, stacked and detached.
+
+        Members share no arithmetic (vmap slices, elementwise Adam, per-member clipping), so a
+        dropped member's NaN stays in its own slice; its exported weights and optimizer state are
+        the snapshot taken when it was dropped (``_frozen``)."""
+        leaves = [self.params[n] for n in self.groups[group]]
+        if self.vectorize == "vmap":
+            outputs = self._run(fn, *batched)
+            if guard:
+                self._drop_nonfinite(loss_of(outputs), step)
+            grads = torch.autograd.grad(loss_of(outputs).sum(), leaves, allow_unused=True)
+        else:
+            outputs, grads = self._loop_with_grads(group, fn, loss_of, *batched)
+            if guard:
+                self._drop_nonfinite(loss_of(outputs), step)
         for leaf, grad in zip(leaves, grads, strict=True):
             leaf.grad = grad
         self._clip([leaf for leaf in leaves if leaf.grad is not None])
         with torch.no_grad():
             self.optimizers[group].step()
         self.optimizers[group].zero_grad(set_to_none=True)
+        return torch.utils._pytree.tree_map(_detach, outputs)
+
+    def _loop_with_grads(
+        self,
+        group: int,
+        fn: Callable[..., Any],
+        loss_of: Callable[[Any], torch.Tensor],
+        *batched: torch.Tensor,
+    ) -> tuple[Any, list[torch.Tensor | None]]:
+        """Member by member: forward, then that member's backward at once (its activations are
+        freed before the next member's forward: one member's working set, as a single run's);
+        the outputs stacked [K, ...] and the gradients of group ``group``'s stacks."""
+        names = self.groups[group]
+        trained = set(names)
+        outputs, member_grads = [], []
+        for k in range(self.num):
+            p = {}
+            for name, stack in self.params.items():
+                piece = stack[k].detach()
+                p[f"model.{name}"] = piece.requires_grad_() if name in trained else piece
+            b = {f"model.{name}": stack[k] for name, stack in self.buffers.items()}
+            values = {name: vals[k] for name, vals in self.varied.items()}
+            self.caller.fn = fn
+            with MemberNoise(self.generators, member=k), self._member_values(values):
+                out = functional_call(self.caller, (p, b), tuple(a[k] for a in batched))
+            leaves = [p[f"model.{name}"] for name in names]
+            member_grads.append(torch.autograd.grad(loss_of(out), leaves, allow_unused=True))
+            outputs.append(torch.utils._pytree.tree_map(_detach, out))
+        grads: list[torch.Tensor | None] = []
+        for i, name in enumerate(names):
+            per_member = [g[i] for g in member_grads]
+            if all(g is None for g in per_member):
+                grads.append(None)
+                continue
+            zeros = torch.zeros_like(self.params[name][0])
+            grads.append(torch.stack([zeros if g is None else g for g in per_member]))
+        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outputs), grads
 
     def _clip(self, leaves: list[torch.Tensor]) -> None:
         """Lightning's gradient clipping, per member: by value (elementwise, so per member
