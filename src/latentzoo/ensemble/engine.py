@@ -90,6 +90,10 @@ def _loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     return terms["loss"]
 
 
+def _stack(*members: torch.Tensor) -> torch.Tensor:
+    return torch.stack(members)
+
+
 def _detach(value: Any) -> Any:
     return value.detach() if torch.is_tensor(value) else value
 
@@ -216,10 +220,10 @@ class StackedEnsemble:
     # --- the functional calls -----------------------------------------------------------------
     def _run(self, fn: Callable[..., Any], *batched: torch.Tensor) -> Any:
         """``fn(model, *member_args)`` for every member; outputs stacked [K, ...]."""
-        self.caller.fn = fn
-        prefixed = {f"model.{k}": v for k, v in self.params.items()}
-        prefixed_buffers = {f"model.{k}": v for k, v in self.buffers.items()}
         if self.vectorize == "vmap":
+            self.caller.fn = fn
+            prefixed = {f"model.{k}": v for k, v in self.params.items()}
+            prefixed_buffers = {f"model.{k}": v for k, v in self.buffers.items()}
 
             def one(p: dict, b: dict, v: dict, *args: torch.Tensor) -> Any:
                 with self._member_values(v):
@@ -229,14 +233,24 @@ class StackedEnsemble:
                 return vmap(one, randomness="same")(
                     prefixed, prefixed_buffers, self._varied_stacks, *batched
                 )
-        outputs = []  # member by member (evaluation; training loops in _loop_with_grads)
-        for k in range(self.num):
-            p = {name: t[k] for name, t in prefixed.items()}
-            b = {name: t[k] for name, t in prefixed_buffers.items()}
-            values = {name: vals[k] for name, vals in self.varied.items()}
-            with MemberNoise(self.generators, member=k), self._member_values(values):
-                outputs.append(functional_call(self.caller, (p, b), tuple(a[k] for a in batched)))
-        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outputs)
+        # member by member (evaluation; training loops in _loop_with_grads)
+        outputs = [
+            self._call_member(k, fn, {name: t[k] for name, t in self.params.items()}, batched)
+            for k in range(self.num)
+        ]
+        return torch.utils._pytree.tree_map(_stack, *outputs)
+
+    def _call_member(
+        self, k: int, fn: Callable[..., Any], params: dict[str, torch.Tensor], batched: tuple
+    ) -> Any:
+        """``fn(model, *member_args)`` for member k alone, with its ``params``, buffers, loss
+        weights and noise stream."""
+        self.caller.fn = fn
+        p = {f"model.{name}": t for name, t in params.items()}
+        b = {f"model.{name}": t[k] for name, t in self.buffers.items()}
+        values = {name: vals[k] for name, vals in self.varied.items()}
+        with MemberNoise(self.generators, member=k), self._member_values(values):
+            return functional_call(self.caller, (p, b), tuple(a[k] for a in batched))
 
     @contextlib.contextmanager
     def _member_values(self, values: dict[str, Any]) -> Iterator[None]:
@@ -330,13 +344,9 @@ class StackedEnsemble:
             p = {}
             for name, stack in self.params.items():
                 piece = stack[k].detach()
-                p[f"model.{name}"] = piece.requires_grad_() if name in trained else piece
-            b = {f"model.{name}": stack[k] for name, stack in self.buffers.items()}
-            values = {name: vals[k] for name, vals in self.varied.items()}
-            self.caller.fn = fn
-            with MemberNoise(self.generators, member=k), self._member_values(values):
-                out = functional_call(self.caller, (p, b), tuple(a[k] for a in batched))
-            leaves = [p[f"model.{name}"] for name in names]
+                p[name] = piece.requires_grad_() if name in trained else piece
+            out = self._call_member(k, fn, p, batched)
+            leaves = [p[name] for name in names]
             member_grads.append(torch.autograd.grad(loss_of(out), leaves, allow_unused=True))
             outputs.append(torch.utils._pytree.tree_map(_detach, out))
         grads: list[torch.Tensor | None] = []
@@ -347,7 +357,7 @@ class StackedEnsemble:
                 continue
             zeros = torch.zeros_like(self.params[name][0])
             grads.append(torch.stack([zeros if g is None else g for g in per_member]))
-        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outputs), grads
+        return torch.utils._pytree.tree_map(_stack, *outputs), grads
 
     def _clip(self, leaves: list[torch.Tensor]) -> None:
         """Lightning's gradient clipping, per member: by value (elementwise, so per member
