@@ -135,7 +135,7 @@ def member_block(num_members: int, rank: int, world: int) -> range:
 
 def gather_to_rank_zero(items: list[Any]) -> list[Any]:
     """Every rank's ``items``, concatenated in rank order, on rank 0 (``[]`` elsewhere)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world() == 1:
         return list(items)
     parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(items, parts, dst=0)
@@ -144,15 +144,20 @@ def gather_to_rank_zero(items: list[Any]) -> list[Any]:
 
 def gather_to_all(items: list[Any]) -> list[Any]:
     """Every rank's ``items``, concatenated in rank order, on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world() == 1:
         return list(items)
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
     return [item for part in parts for item in part]
 
 
+def _world() -> int:
+    """The number of processes of this run (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _world() > 1:
         dist.barrier()
 
 
